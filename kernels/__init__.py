@@ -1,0 +1,1 @@
+"""Triton steering kernels and their torch references (installed as sae_steer.kernels)."""

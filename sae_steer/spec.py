@@ -1,0 +1,191 @@
+"""The `steering` object of a request: pydantic models and validation against the served model.
+
+Two stages, both raising SteeringError with the offending field's path
+(e.g. `steering.interventions[2].feature`):
+  parse_steering(raw, facts)  shape/type checks (pydantic) + checks that need the model:
+                              known SAE/vector names, feature range, vector length, layer range,
+                              number of interventions, finite and bounded magnitudes.
+The same function runs in the API process (admission, -> HTTP 400) and in the worker.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SteeringError(ValueError):
+    """Invalid steering; `field` is the dotted path of the offending field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class When(_Strict):
+    """Apply the intervention only at positions where `feature` (same SAE) is above `above`."""
+    feature: int = Field(ge=0)
+    above: float = 0.0
+
+
+class SaeIntervention(_Strict):
+    type: Literal["sae"]
+    sae: str
+    feature: int = Field(ge=0)
+    mode: Literal["add", "clamp", "ablate", "scale"]
+    strength: float | None = None  # add (also accepted as the factor of scale)
+    value: float | None = None  # clamp
+    factor: float | None = None  # scale
+    when: When | None = None
+
+    @model_validator(mode="after")
+    def _one_parameter(self):
+        wanted = {"add": ("strength",), "clamp": ("value",), "ablate": (), "scale": ("factor", "strength")}[self.mode]
+        given = [n for n in ("strength", "value", "factor") if getattr(self, n) is not None]
+        stray = [n for n in given if n not in wanted]
+        if stray:
+            raise ValueError(f"field {stray[0]!r} does not apply to mode {self.mode!r}")
+        if wanted and not given:
+            raise ValueError(f"mode {self.mode!r} needs {wanted[0]!r}")
+        if len(given) > 1:
+            raise ValueError(f"give one of {list(wanted)}, not both")
+        return self
+
+    def edit_coefficients(self) -> tuple[float, float]:
+        """(a, b) with f' = a f + b: the four modes as one affine map."""
+        if self.mode == "add":
+            return 1.0, self.strength
+        if self.mode == "clamp":
+            return 0.0, self.value
+        if self.mode == "ablate":
+            return 0.0, 0.0
+        return (self.factor if self.factor is not None else self.strength), 0.0
+
+
+class VectorIntervention(_Strict):
+    type: Literal["vector"]
+    vector: str | None = None  # a registered vector, applied at each of its layers
+    values: list[float] | None = None  # an inline vector, applied at `layer`
+    layer: int | None = None
+    coef: float = 1.0
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.vector is None) == (self.values is None):
+            raise ValueError("give exactly one of 'vector' (a registered name) or 'values'")
+        if self.values is not None and self.layer is None:
+            raise ValueError("an inline vector ('values') needs 'layer'")
+        return self
+
+
+Intervention = Annotated[Union[SaeIntervention, VectorIntervention], Field(discriminator="type")]
+
+
+class Steering(_Strict):
+    interventions: list[Intervention] = Field(min_length=1)
+    positions: Literal["all", "prompt", "generated"] = "all"
+
+    def fingerprint(self) -> str:
+        """Stable hash of everything that changes the forward pass (cache salt, slot sharing)."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class SaeFacts:
+    d_sae: int
+    layer: int
+    architecture: str
+    d_model: int
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What validation needs to know about the served model and the registered SAEs/vectors."""
+    d_model: int
+    num_layers: int
+    steerable_layers: frozenset[int]
+    saes: dict[str, SaeFacts] = field(default_factory=dict)
+    vectors: dict[str, frozenset[int]] = field(default_factory=dict)  # name -> its layers
+    max_interventions: int = 64
+    max_abs_value: float = 1e4  # |strength|, |value|, |factor|, |coef|, |above|, |values[i]|
+
+
+def _path(loc) -> str:
+    out = "steering"
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif i > 0 and isinstance(loc[i - 1], int) and part in ("sae", "vector"):
+            continue  # pydantic's discriminator tag after a list index, not a field the user wrote
+        else:
+            out += f".{part}"
+    return out
+
+
+def parse_steering(raw, facts: ModelFacts) -> Steering:
+    """Validate a request's `steering` object; raises SteeringError naming the field."""
+    if not isinstance(raw, dict):
+        raise SteeringError("steering", f"must be an object, got {type(raw).__name__}")
+    n = raw.get("interventions")
+    if isinstance(n, list) and len(n) > facts.max_interventions:
+        raise SteeringError("steering.interventions",
+                            f"{len(n)} interventions, at most {facts.max_interventions} are allowed")
+    try:
+        steering = Steering.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise SteeringError(_path(err["loc"]), err["msg"]) from None
+    for i, iv in enumerate(steering.interventions):
+        _check_intervention(iv, f"steering.interventions[{i}]", facts)
+    return steering
+
+
+def _check_number(x: float | None, where: str, limit: float) -> None:
+    if x is not None and (not math.isfinite(x) or abs(x) > limit):
+        raise SteeringError(where, f"must be finite with magnitude <= {limit:g}, got {x!r}")
+
+
+def _check_intervention(iv, where: str, facts: ModelFacts) -> None:
+    lim = facts.max_abs_value
+    if isinstance(iv, SaeIntervention):
+        sae = facts.saes.get(iv.sae)
+        if sae is None:
+            raise SteeringError(f"{where}.sae", f"unknown SAE {iv.sae!r}; registered: {sorted(facts.saes)}")
+        for name in ("strength", "value", "factor"):
+            _check_number(getattr(iv, name), f"{where}.{name}", lim)
+        if iv.feature >= sae.d_sae:
+            raise SteeringError(f"{where}.feature", f"feature {iv.feature} is out of range for SAE "
+                                                     f"{iv.sae!r} (d_sae={sae.d_sae})")
+        if iv.when is not None:
+            if iv.when.feature >= sae.d_sae:
+                raise SteeringError(f"{where}.when.feature", f"feature {iv.when.feature} is out of range "
+                                                              f"for SAE {iv.sae!r} (d_sae={sae.d_sae})")
+            _check_number(iv.when.above, f"{where}.when.above", lim)
+        return
+    _check_number(iv.coef, f"{where}.coef", lim)
+    if iv.vector is not None:
+        if iv.vector not in facts.vectors:
+            raise SteeringError(f"{where}.vector", f"unknown vector {iv.vector!r}; registered: {sorted(facts.vectors)}")
+        if iv.layer is not None and iv.layer not in facts.vectors[iv.vector]:
+            raise SteeringError(f"{where}.layer", f"vector {iv.vector!r} has no layer {iv.layer} "
+                                                   f"(it has {sorted(facts.vectors[iv.vector])})")
+        return
+    if not 0 <= iv.layer < facts.num_layers:
+        raise SteeringError(f"{where}.layer", f"layer {iv.layer} is out of range (the model has "
+                                               f"{facts.num_layers} layers, 0-based)")
+    if iv.layer not in facts.steerable_layers:
+        raise SteeringError(f"{where}.layer", f"layer {iv.layer} is not steerable on this server; steerable "
+                                               f"layers: {sorted(facts.steerable_layers)} (sae_steer.layers setting)")
+    if len(iv.values) != facts.d_model:
+        raise SteeringError(f"{where}.values", f"has length {len(iv.values)}, the model's d_model is {facts.d_model}")
+    for j, v in enumerate(iv.values):
+        _check_number(v, f"{where}.values[{j}]", lim)

@@ -1,0 +1,47 @@
+"""The served model's steering facts (registered SAEs/vectors, steerable layers), from a VllmConfig.
+
+`validate_params` of a logits processor is a classmethod that sees only the request, so the
+front-end process records the facts of the engine it serves when vLLM builds its input
+processor (see `frontend.py`); workers compute the same facts from their own config.
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+from sae_steer.registry import SETTINGS_KEY, Settings
+from sae_steer.spec import ModelFacts
+
+_current: ModelFacts | None = None  # the facts of the engine this process serves (front end)
+
+
+def settings_of(config) -> Settings | None:
+    return Settings.from_additional_config(config.additional_config)
+
+
+def facts_for(config) -> ModelFacts | None:
+    """ModelFacts of an engine config; None when it has no sae_steer settings. Raises on bad settings."""
+    raw = (config.additional_config or {}).get(SETTINGS_KEY)
+    if raw is None:
+        return None
+    from sae_steer.vllm_plugin.steering_op import DECODER_LAYERS
+    architectures = config.model_config.architectures or []
+    if not any(a in DECODER_LAYERS for a in architectures):
+        raise ValueError(f"sae-steer cannot steer architecture {architectures}; supported: {sorted(DECODER_LAYERS)}")
+    model = config.model_config
+    return _facts(json.dumps(raw, sort_keys=True), model.get_hidden_size(), model.get_total_num_hidden_layers())
+
+
+@functools.lru_cache(maxsize=8)
+def _facts(settings_json: str, d_model: int, num_layers: int) -> ModelFacts:
+    settings = Settings.from_additional_config({SETTINGS_KEY: json.loads(settings_json)})
+    return settings.model_facts(d_model, num_layers)
+
+
+def record(config) -> None:
+    global _current
+    _current = facts_for(config)
+
+
+def current() -> ModelFacts | None:
+    return _current

@@ -1,0 +1,83 @@
+"""SteeringLogitsProcessor: the per-request steering channel of vLLM's V1 batched logits processors.
+
+- `validate_params` (front end, at admission): parses `SamplingParams.extra_args["steering"]`
+  against the served model; a ValueError fails that request only (HTTP 400 online).
+- `__init__` (worker): loads the registry and allocates the SteeringTable that the in-model op reads.
+- `update_state` (worker, before each forward): maps persistent-batch rows to steering slots.
+- `apply`: logits are untouched (steering happens in the residual stream), so the processor is
+  argmax-invariant and changes nothing for unsteered requests.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from sae_steer.registry import Registry
+from sae_steer.spec import SteeringError, parse_steering
+from sae_steer.vllm_plugin import facts, steering_op
+from sae_steer.vllm_plugin.table import SteeringTable
+
+logger = logging.getLogger("vllm.sae_steer")
+
+
+def _steering_arg(params):
+    return (params.extra_args or {}).get("steering") if params is not None else None
+
+
+class SteeringLogitsProcessor(LogitsProcessor):
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        steering = _steering_arg(sampling_params)
+        if steering is None:
+            return
+        model_facts = facts.current()
+        if model_facts is None:
+            raise SteeringError("steering", "this engine does not serve steering: start it with "
+                                            "additional_config={'sae_steer': {...}} and the sae_steer plugin enabled")
+        parse_steering(steering, model_facts)
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self.facts = facts.facts_for(vllm_config)
+        self.table = None
+        if self.facts is None:
+            return
+        if not steering_op.patched_classes:
+            raise RuntimeError("sae_steer settings are present but the sae_steer general plugin did not run in "
+                               "this worker (is VLLM_PLUGINS excluding 'sae_steer'?): refusing to serve unsteered")
+        from vllm.config import CUDAGraphMode
+        if vllm_config.compilation_config.cudagraph_mode not in (None, CUDAGraphMode.NONE):
+            raise RuntimeError("sae-steer does not support CUDA graphs yet (its op reads host-side batch state); "
+                               "start the engine with enforce_eager=True or -cc.cudagraph_mode=NONE")
+        settings = facts.settings_of(vllm_config)
+        registry = Registry.load(settings, device)
+        self.table = SteeringTable(registry, sorted(self.facts.steerable_layers),
+                                   max_rows=vllm_config.scheduler_config.max_num_seqs,
+                                   max_edits=self.facts.max_interventions, d_model=self.facts.d_model, device=device)
+        steering_op.set_table(self.table)
+        logger.info("sae-steer: steering %d SAE(s), %d vector(s) at layers %s", len(registry.saes),
+                    len(registry.vectors), sorted(self.facts.steerable_layers))
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if self.table is None or batch_update is None:
+            return
+        added = []
+        for row, params, prompt_ids, _output_ids in batch_update.added:
+            added.append((row, self._parse(params), len(prompt_ids or ())))
+        moved = [(a, b, d == MoveDirectionality.SWAP) for a, b, d in batch_update.moved]
+        self.table.update(added, list(batch_update.removed), moved)
+
+    def _parse(self, params):
+        steering = _steering_arg(params)
+        if steering is None:
+            return None
+        # Already validated at admission against the same settings; re-parsed here because only
+        # plain data crosses the process boundary.
+        return parse_steering(steering, self.facts)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits

@@ -1,0 +1,244 @@
+"""SteeringTable: every request's steering in preallocated tensors, applied to a whole batch at once.
+
+Layout (the style of vLLM's builtin logits processors: fixed tensors, updated from BatchUpdate):
+
+    row_slot        [max_rows]      persistent-batch row -> steering slot (0 = no steering)
+    row_prompt_len  [max_rows]      for positions = prompt | generated
+    slot_positions  [n_slots]       0 all, 1 prompt, 2 generated
+    per steerable layer (index li), per slot s, up to E edits e:
+      edit_feature  [L, n_slots, E] feature in the layer's packed dictionary (pad: the null feature)
+      edit_mul      [L, n_slots, E] a - 1       with f' = a f + b, so f' - f = (a - 1) f + b
+      edit_add      [L, n_slots, E] b
+      gate_feature  [L, n_slots, E] `when` feature (pad: null feature, whose activation is 0)
+      gate_above    [L, n_slots, E] `when` threshold (-inf when there is no `when`)
+      vector        [L, n_slots, d] sum of coef * v of the slot's vectors at this layer
+
+Requests with identical steering share a slot (refcounted by fingerprint), so 256 requests
+with one config cost one slot. All SAEs at a layer are packed into one feature space with
+b_dec folded into per-feature biases, so one gather serves every SAE and architecture:
+
+    dot      = x . W_enc[:, i]
+    gate_pre = dot + (b_enc_i - b_dec . W_enc[:, i])
+    mag_pre  = s_i dot + (b_mag_i - s_i b_dec . W_enc[:, i])      s_i = exp(r_mag_i) (gated) else 1
+    f_i      = (gate_pre > threshold_i) * relu(mag_pre)           (TopK: taken from a full encode)
+
+`apply` has no Python loop over requests or tokens: the token -> row map comes from the
+step's query_start_loc, and work grows with the distinct edited features in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sae_steer.sae import SparseAutoencoder
+from sae_steer.spec import SaeIntervention, Steering
+from sae_steer.registry import Registry
+
+POSITION_MODES = {"all": 0, "prompt": 1, "generated": 2}
+
+
+class LayerDictionary:
+    """Every SAE registered at one layer, packed as one feature space plus a null feature."""
+
+    def __init__(self, saes: dict[str, SparseAutoencoder], d_model: int, device: torch.device):
+        self.offset: dict[str, int] = {}
+        self.topk: list[tuple[str, int, SparseAutoencoder]] = []
+        enc, gate_bias, threshold, mag_scale, mag_bias, dec = [], [], [], [], [], []
+        n = 0
+        for name, sae in saes.items():
+            self.offset[name] = n
+            n += sae.d_sae
+            if sae.architecture == "topk":
+                self.topk.append((name, self.offset[name], sae))
+            b_dec_dot = sae.b_dec @ sae.W_enc if sae.apply_b_dec_to_input else torch.zeros_like(sae.b_enc)
+            scale = torch.exp(sae.r_mag) if sae.architecture == "gated" else torch.ones_like(sae.b_enc)
+            enc.append(sae.W_enc.T)
+            gate_bias.append(sae.b_enc - b_dec_dot)
+            threshold.append(sae.threshold if sae.architecture == "jumprelu" else torch.zeros_like(sae.b_enc))
+            mag_scale.append(scale)
+            mag_bias.append((sae.b_mag if sae.architecture == "gated" else sae.b_enc) - scale * b_dec_dot)
+            dec.append(sae.W_dec)
+        self.null = n
+        zero_row, zero = torch.zeros(1, d_model, device=device), torch.zeros(1, device=device)
+        self.enc = torch.cat(enc + [zero_row]).contiguous()  # [F+1, d]
+        self.dec = torch.cat(dec + [zero_row]).contiguous()  # [F+1, d]
+        self.gate_bias = torch.cat(gate_bias + [zero])  # [F+1]
+        self.threshold = torch.cat(threshold + [zero])
+        self.mag_scale = torch.cat(mag_scale + [zero])
+        self.mag_bias = torch.cat(mag_bias + [zero])
+
+    def activations(self, x: torch.Tensor, feats: torch.Tensor, topk_live: set[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, d] fp32, feats [T, n] -> (f [T, n], uniq [U], inv [T, n]) with feats = uniq[inv]."""
+        uniq, inv = torch.unique(feats, return_inverse=True)
+        dot = (x @ self.enc[uniq].T).gather(1, inv)  # [T, n]: one matmul over distinct features
+        gate_pre = dot + self.gate_bias[feats]
+        f = (gate_pre > self.threshold[feats]) * torch.relu(self.mag_scale[feats] * dot + self.mag_bias[feats])
+        for name, off, sae in self.topk:
+            if name in topk_live:  # TopK membership needs every pre-activation of that SAE
+                local = feats - off
+                inside = (local >= 0) & (local < sae.d_sae)
+                full = sae.encode(x)  # [T, d_sae]
+                f = torch.where(inside, full.gather(1, local.clamp(0, sae.d_sae - 1)), f)
+        return f, uniq, inv
+
+
+@dataclass
+class _SlotInfo:
+    fingerprint: str
+    refs: int
+    edits: dict[int, int]  # layer index -> number of edits there
+    touched: set[int]  # layer indices with any edit or vector
+    saes: set[str]
+
+
+class SteeringTable:
+    def __init__(self, registry: Registry, steerable_layers: list[int], max_rows: int, max_edits: int,
+                 d_model: int, device: torch.device):
+        self.registry = registry
+        self.layers = sorted(steerable_layers)
+        self.layer_index = {L: i for i, L in enumerate(self.layers)}
+        self.dictionaries = [LayerDictionary({n: s for n, s in registry.saes.items() if s.layer == L}, d_model, device)
+                             for L in self.layers]
+        n_layers, n_slots, self.max_edits = len(self.layers), max_rows + 1, max_edits
+        i64 = dict(dtype=torch.int64, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.row_slot = torch.zeros(max_rows, **i64)
+        self.row_prompt_len = torch.zeros(max_rows, **i64)
+        self.slot_positions = torch.zeros(n_slots, **i64)
+        self.edit_feature = torch.zeros(n_layers, n_slots, max_edits, **i64)
+        self.edit_mul = torch.zeros(n_layers, n_slots, max_edits, **f32)
+        self.edit_add = torch.zeros(n_layers, n_slots, max_edits, **f32)
+        self.gate_feature = torch.zeros(n_layers, n_slots, max_edits, **i64)
+        self.gate_above = torch.full((n_layers, n_slots, max_edits), float("-inf"), **f32)
+        self.vector = torch.zeros(n_layers, n_slots, d_model, **f32)
+        for li, dictionary in enumerate(self.dictionaries):
+            self.edit_feature[li].fill_(dictionary.null)
+            self.gate_feature[li].fill_(dictionary.null)
+        # Host-side mirrors: the bookkeeping is Python (once per batch change), the hot path is not.
+        self._row_slot = [0] * max_rows
+        self._row_prompt_len = [0] * max_rows
+        self._slots: dict[int, _SlotInfo] = {}
+        self._slot_of: dict[str, int] = {}
+        self._free = list(range(n_slots - 1, 0, -1))
+        self.edits_in_use = [0] * n_layers  # per layer: the widest slot's edit count (E of this step)
+        self.layer_live = [False] * n_layers  # per layer: does any live slot touch it
+        self.topk_live: list[set[str]] = [set() for _ in self.layers]
+
+    # ---- bookkeeping: called from the logits processor's update_state, before the forward ----
+
+    def update(self, added: list[tuple[int, Steering | None, int]], removed: list[int],
+               moved: list[tuple[int, int, bool]]) -> None:
+        """added: (row, steering, prompt_len); moved: (a, b, swap). vLLM's order: removed, added, moved."""
+        for row in removed:
+            self._release(row)
+        for row, steering, prompt_len in added:
+            self._release(row)
+            self._row_slot[row] = 0 if steering is None else self._acquire(steering)
+            self._row_prompt_len[row] = prompt_len
+        for a, b, swap in moved:
+            if swap:
+                self._row_slot[a], self._row_slot[b] = self._row_slot[b], self._row_slot[a]
+                self._row_prompt_len[a], self._row_prompt_len[b] = self._row_prompt_len[b], self._row_prompt_len[a]
+            else:
+                self._release(b)
+                self._row_slot[b], self._row_prompt_len[b] = self._row_slot[a], self._row_prompt_len[a]
+                self._row_slot[a] = 0
+        self.row_slot.copy_(torch.tensor(self._row_slot), non_blocking=True)
+        self.row_prompt_len.copy_(torch.tensor(self._row_prompt_len), non_blocking=True)
+        self._refresh_layer_flags()
+
+    def _release(self, row: int) -> None:
+        slot = self._row_slot[row]
+        self._row_slot[row] = 0
+        if slot == 0:
+            return
+        info = self._slots[slot]
+        info.refs -= 1
+        if info.refs == 0:
+            del self._slots[slot], self._slot_of[info.fingerprint]
+            self._free.append(slot)
+
+    def _acquire(self, steering: Steering) -> int:
+        fp = steering.fingerprint()
+        slot = self._slot_of.get(fp)
+        if slot is not None:
+            self._slots[slot].refs += 1
+            return slot
+        slot = self._free.pop()
+        self._slot_of[fp] = slot
+        self._slots[slot] = self._write_slot(slot, steering, fp)
+        return slot
+
+    def _write_slot(self, slot: int, steering: Steering, fp: str) -> _SlotInfo:
+        self.slot_positions[slot] = POSITION_MODES[steering.positions]
+        self.vector[:, slot].zero_()
+        self.gate_above[:, slot].fill_(float("-inf"))
+        for li, dictionary in enumerate(self.dictionaries):
+            self.edit_feature[li, slot].fill_(dictionary.null)
+            self.gate_feature[li, slot].fill_(dictionary.null)
+        self.edit_mul[:, slot].zero_()
+        self.edit_add[:, slot].zero_()
+        info = _SlotInfo(fp, 1, {}, set(), set())
+        for iv in steering.interventions:
+            if isinstance(iv, SaeIntervention):
+                li = self.layer_index[self.registry.saes[iv.sae].layer]
+                dictionary, e = self.dictionaries[li], info.edits.get(li, 0)
+                a, b = iv.edit_coefficients()
+                self.edit_feature[li, slot, e] = dictionary.offset[iv.sae] + iv.feature
+                self.edit_mul[li, slot, e] = a - 1.0
+                self.edit_add[li, slot, e] = b
+                if iv.when is not None:
+                    self.gate_feature[li, slot, e] = dictionary.offset[iv.sae] + iv.when.feature
+                    self.gate_above[li, slot, e] = iv.when.above
+                info.edits[li] = e + 1
+                info.touched.add(li)
+                info.saes.add(iv.sae)
+            elif iv.values is not None:
+                li = self.layer_index[iv.layer]
+                self.vector[li, slot] += iv.coef * torch.tensor(iv.values, device=self.vector.device)
+                info.touched.add(li)
+            else:
+                for layer, v in self.registry.vectors[iv.vector].items():
+                    if iv.layer is None or iv.layer == layer:
+                        li = self.layer_index[layer]
+                        self.vector[li, slot] += iv.coef * v
+                        info.touched.add(li)
+        return info
+
+    def _refresh_layer_flags(self) -> None:
+        for li, dictionary in enumerate(self.dictionaries):
+            live = [s for s in self._slots.values() if li in s.touched]
+            self.layer_live[li] = bool(live)
+            self.edits_in_use[li] = max((s.edits.get(li, 0) for s in live), default=0)
+            self.topk_live[li] = {name for name, _, _ in dictionary.topk if any(name in s.saes for s in live)}
+
+    # ---- the hot path: one call per steerable layer per forward step ----
+
+    def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
+              query_start_loc: torch.Tensor) -> torch.Tensor:
+        """hidden, residual [T, d] (the residual stream is their sum) -> hidden with every row's steering added."""
+        li = self.layer_index[layer]
+        T, n_rows = hidden.shape[0], query_start_loc.shape[0] - 1
+        if not self.layer_live[li] or n_rows == 0:
+            return hidden.clone()
+        token = torch.arange(T, device=hidden.device)
+        rows = torch.searchsorted(query_start_loc[1:], token, right=True)  # [T]; >= n_rows: padding
+        real = rows < n_rows
+        rows = rows.clamp(max=n_rows - 1)
+        slot = torch.where(real, self.row_slot[rows], 0)  # [T]
+        mode, plen = self.slot_positions[slot], self.row_prompt_len[rows]
+        edited = (slot != 0) & ((mode == 0) | ((mode == 1) & (positions < plen)) | ((mode == 2) & (positions >= plen)))
+
+        delta = self.vector[li, slot]  # [T, d]
+        E = self.edits_in_use[li]
+        if E:
+            x = (hidden + residual).float()
+            feats, gates = self.edit_feature[li, slot, :E], self.gate_feature[li, slot, :E]  # [T, E]
+            f, uniq, inv = self.dictionaries[li].activations(x, torch.cat([feats, gates], 1), self.topk_live[li])
+            f_edit, f_gate = f[:, :E], f[:, E:]
+            change = self.edit_mul[li, slot, :E] * f_edit + self.edit_add[li, slot, :E]  # f' - f
+            change = change * (f_gate > self.gate_above[li, slot, :E])
+            coef = torch.zeros(T, uniq.shape[0], device=x.device).scatter_add_(1, inv[:, :E], change)  # [T, U]
+            delta = delta + coef @ self.dictionaries[li].dec[uniq]  # sum_e change_e W_dec[feat_e]
+        return torch.where(edited[:, None], hidden + delta.to(hidden.dtype), hidden)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP extension (installed as sae_steer.server)."""

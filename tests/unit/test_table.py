@@ -1,0 +1,114 @@
+"""The batched SteeringTable (the engine's hot path) == the per-request reference, over random batch
+histories with additions, removals, swaps and moves, like vLLM's persistent batch produces."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from sae_steer.edits import steer_residual
+from sae_steer.registry import Registry
+from sae_steer.spec import Steering
+from sae_steer.tiny_model import random_sae
+from sae_steer.vllm_plugin.table import SteeringTable
+
+D, F, ROWS, LAYERS = 32, 48, 8, [0, 1, 2]
+ATOL = 1e-4  # float32, different summation order than the reference
+
+
+def registry() -> Registry:
+    saes = {"relu": random_sae(D, F, 1, "relu", seed=1), "gated": random_sae(D, F, 1, "gated", seed=2),
+            "jump": random_sae(D, F, 2, "jumprelu", seed=3), "topk": random_sae(D, F, 2, "topk", k=6, seed=4)}
+    g = torch.Generator().manual_seed(5)
+    vectors = {"v": {0: torch.randn(D, generator=g), 2: torch.randn(D, generator=g)}}
+    return Registry(saes=saes, vectors=vectors)
+
+
+def random_steering(rng: random.Random) -> Steering | None:
+    if rng.random() < 0.25:
+        return None
+    ivs = []
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.choice(["relu", "gated", "jump", "topk", "v", "inline"])
+        if kind == "v":
+            ivs.append({"type": "vector", "vector": "v", "coef": rng.uniform(-3, 3)})
+        elif kind == "inline":
+            ivs.append({"type": "vector", "layer": rng.choice(LAYERS), "values": [rng.gauss(0, 1) for _ in range(D)],
+                        "coef": 1.0})
+        else:
+            mode = rng.choice(["add", "clamp", "ablate", "scale"])
+            param = {"add": {"strength": rng.uniform(-5, 5)}, "clamp": {"value": rng.uniform(0, 5)}, "ablate": {},
+                     "scale": {"factor": rng.uniform(0, 3)}}[mode]
+            iv = {"type": "sae", "sae": kind, "feature": rng.randrange(F), "mode": mode, **param}
+            if rng.random() < 0.3:
+                iv["when"] = {"feature": rng.randrange(F), "above": rng.uniform(0, 0.5)}
+            ivs.append(iv)
+    return Steering.model_validate({"interventions": ivs,
+                                    "positions": rng.choice(["all", "prompt", "generated"])})
+
+
+def test_table_matches_reference_over_a_random_batch_history():
+    rng, reg = random.Random(0), registry()
+    table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_edits=8, d_model=D, device=torch.device("cpu"))
+    rows: list[tuple[Steering | None, int] | None] = [None] * ROWS  # the test's own model of the batch
+    for step in range(40):
+        removed = [r for r in range(ROWS) if rows[r] is not None and rng.random() < 0.2]
+        for r in removed:
+            rows[r] = None
+        # vLLM's order: removed rows leave holes, new requests fill the lowest free rows, then the batch
+        # is condensed (the last rows move into the holes) and rows may be swapped (reordering).
+        added = []
+        for r in range(ROWS):
+            if rows[r] is None and rng.random() < 0.5:
+                rows[r] = (random_steering(rng), rng.randint(1, 20))
+                added.append((r, *rows[r]))
+        moved = []
+        while None in rows and any(rows[rows.index(None):]):
+            hole = rows.index(None)
+            last = max(r for r in range(ROWS) if rows[r] is not None)
+            rows[hole], rows[last] = rows[last], None
+            moved.append((last, hole, False))
+        n_live = ROWS - rows.count(None)
+        if n_live >= 2 and rng.random() < 0.5:
+            a, b = rng.sample(range(n_live), 2)
+            rows[a], rows[b] = rows[b], rows[a]
+            moved.append((a, b, True))
+        table.update(added, removed, moved)
+        live = list(range(n_live))
+        assert all(rows[r] is not None for r in live)
+        # The step's batch: each live row schedules a chunk (prefill chunk or one decode token).
+        lens = [rng.choice([1, 1, 3, 7]) for _ in live]
+        starts = [rng.randint(0, 25) for _ in live]
+        qsl = torch.tensor([0] + torch.tensor(lens, dtype=torch.long).cumsum(0).tolist())
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)] + [torch.zeros(0, dtype=torch.long)])
+        T = int(qsl[-1])
+        pad = rng.randint(0, 3)  # padded tokens past the last row (as with CUDA-graph padding)
+        positions = torch.cat([positions, torch.zeros(pad, dtype=torch.long)])
+        hidden, residual = torch.randn(T + pad, D), torch.randn(T + pad, D)
+        for layer in LAYERS:
+            out = table.apply(layer, hidden, residual, positions, qsl)
+            for i, r in enumerate(live):
+                steering, prompt_len = rows[r]
+                seg = slice(int(qsl[i]), int(qsl[i + 1]))
+                x = hidden[seg] + residual[seg]
+                if steering is None:
+                    assert torch.equal(out[seg], hidden[seg])
+                    continue
+                ref = steer_residual(x, positions[seg], prompt_len, layer, steering, reg.saes, reg.vectors) - residual[seg]
+                torch.testing.assert_close(out[seg], ref, atol=ATOL, rtol=1e-4)
+            assert torch.equal(out[T:], hidden[T:]), "padding tokens are never steered"
+    assert step == 39
+
+
+def test_slots_are_shared_by_fingerprint_and_released():
+    reg = registry()
+    table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_edits=8, d_model=D, device=torch.device("cpu"))
+    s = Steering.model_validate({"interventions": [{"type": "vector", "vector": "v", "coef": 1.0}]})
+    t = Steering.model_validate({"interventions": [{"type": "vector", "vector": "v", "coef": 2.0}]})
+    table.update([(0, s, 3), (1, s, 4), (2, t, 5), (3, None, 2)], [], [])
+    assert table._row_slot[0] == table._row_slot[1] != table._row_slot[2] and table._row_slot[3] == 0
+    assert len(table._slots) == 2
+    table.update([], [0, 2], [(1, 0, False)])
+    assert table._row_slot[0] != 0 and table._row_slot[1] == 0 and len(table._slots) == 1
+    table.update([], [0], [])
+    assert not table._slots and not any(table.layer_live)

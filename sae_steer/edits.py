@@ -1,6 +1,7 @@
 """Reference steering math for ONE request at ONE layer, in plain torch.
 
     feature edit   x' = x + sum_i gate_i * (f'_i - f_i) * W_dec[i]     (the SAE's error term is kept)
+                   (/ c(x) for constant_norm_rescale SAEs: SparseAutoencoder.edit_delta)
                    add: f' = f + strength   clamp: f' = value   ablate: f' = 0   scale: f' = factor * f
     when           gate_i = [f_when(x) > above]  (same SAE), else gate_i = 1
     CAA            x' = x + coef * v
@@ -35,7 +36,7 @@ def feature_edit_delta(sae: SparseAutoencoder, x: torch.Tensor, edit: SaeInterve
     if edit.when is not None:
         gate = sae.encode_features(x, torch.tensor([edit.when.feature]))[:, 0]
         change = change * (gate > edit.when.above)
-    return change[:, None] * sae.W_dec[edit.feature]
+    return sae.edit_delta(x, change[:, None], torch.tensor([edit.feature]))
 
 
 def vector_delta(iv: VectorIntervention, layer: int, vectors: dict[str, dict[int, torch.Tensor]]) -> torch.Tensor | None:

@@ -105,6 +105,8 @@ class SaeFacts:
     layer: int
     architecture: str
     d_model: int
+    normalize_activations: str = "none"  # SparseAutoencoder.normalize_activations
+    n_params: int = 0  # float parameters once loaded (memory budget: 4 bytes each in float32)
 
 
 @dataclass(frozen=True)
@@ -189,3 +191,33 @@ def _check_intervention(iv, where: str, facts: ModelFacts) -> None:
         raise SteeringError(f"{where}.values", f"has length {len(iv.values)}, the model's d_model is {facts.d_model}")
     for j, v in enumerate(iv.values):
         _check_number(v, f"{where}.values[{j}]", lim)
+
+
+MAX_TELEMETRY_TOP_K = 256
+
+
+def parse_telemetry(raw, facts: ModelFacts) -> dict:
+    """The `telemetry` object: {"sae": NAME, "top_k": K} -> the same dict, validated."""
+    if not isinstance(raw, dict):
+        raise SteeringError("telemetry", f"must be an object, got {type(raw).__name__}")
+    unknown = set(raw) - {"sae", "top_k", "id"}
+    if unknown:
+        raise SteeringError(f"telemetry.{sorted(unknown)[0]}", "unknown field; expected 'sae' and 'top_k'")
+    if raw.get("sae") not in facts.saes:
+        raise SteeringError("telemetry.sae", f"unknown SAE {raw.get('sae')!r}; registered: {sorted(facts.saes)}")
+    k = raw.get("top_k", 5)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_TELEMETRY_TOP_K:
+        raise SteeringError("telemetry.top_k", f"must be an integer in 1..{MAX_TELEMETRY_TOP_K}, got {k!r}")
+    return {"sae": raw["sae"], "top_k": k, **({"id": raw["id"]} if "id" in raw else {})}
+
+
+def check_capture_layers(layers, facts: ModelFacts, where: str = "layers") -> list[int]:
+    """Layers at which the residual stream can be read (the steerable ones)."""
+    if not isinstance(layers, list) or not layers or not all(isinstance(L, int) and not isinstance(L, bool)
+                                                             for L in layers):
+        raise SteeringError(where, "must be a non-empty list of layer indices")
+    for i, layer in enumerate(layers):
+        if layer not in facts.steerable_layers:
+            raise SteeringError(f"{where}[{i}]", f"layer {layer} is not steerable on this server; steerable layers: "
+                                                 f"{sorted(facts.steerable_layers)} (sae_steer.layers setting)")
+    return sorted(set(layers))

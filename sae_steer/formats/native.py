@@ -2,8 +2,10 @@
 
 SAE: one file (or a directory holding `sae.safetensors`) with tensors
     W_enc [d_model, d_sae], b_enc [d_sae], W_dec [d_sae, d_model], b_dec [d_model],
-    threshold [d_sae] (jumprelu), b_mag / r_mag [d_sae] (gated; b_enc is then b_gate)
-and string metadata: sae_steer.format=sae, architecture, layer, k (topk), apply_b_dec_to_input.
+    threshold [d_sae] (jumprelu), b_mag / r_mag [d_sae] (gated; b_enc is then b_gate),
+    W_lookup [vocab, d_model] (tokenized SAEs)
+and string metadata: sae_steer.format=sae, architecture, layer, k (topk), apply_b_dec_to_input,
+normalize_activations (only when not "none"). Orientation and units as in sae.py.
 
 Vector: one file with a tensor `layer.<L>` [d_model] per layer it applies at,
 metadata sae_steer.format=vector.
@@ -16,13 +18,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sae_steer.formats._common import (build_sae, facts, open_safetensors, resolve_layer,
+                                       safetensors_tensors)
 from sae_steer.sae import SparseAutoencoder
 from sae_steer.spec import SaeFacts
 
-_SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "b_mag", "r_mag")
+_SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "b_mag", "r_mag", "W_lookup")
 
 
 def _sae_file(path: str | Path) -> Path:
@@ -33,10 +36,7 @@ def _sae_file(path: str | Path) -> Path:
 def _open(path: Path, kind: str):
     if not path.is_file():
         raise FileNotFoundError(f"{kind} file {str(path)!r} does not exist")
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{kind} file {str(path)!r} is not a readable safetensors file: {e}") from None
+    return open_safetensors(path)
 
 
 def _metadata(f, path: Path, kind: str) -> dict:
@@ -55,29 +55,40 @@ def save_sae(sae: SparseAutoencoder, path: str | Path) -> Path:
             "apply_b_dec_to_input": str(sae.apply_b_dec_to_input).lower()}
     if sae.k is not None:
         meta["k"] = str(sae.k)
+    if sae.normalize_activations != "none":
+        meta["normalize_activations"] = sae.normalize_activations
     save_file(tensors, str(path), metadata=meta)
     return path
 
 
-def read_sae_facts(path: str | Path) -> SaeFacts:
-    path = _sae_file(path)
-    with _open(path, "sae") as f:
-        meta = _metadata(f, path, "sae")
-        d_model, d_sae = f.get_slice("W_enc").get_shape()
-    return SaeFacts(d_sae=d_sae, layer=int(meta["layer"]), architecture=meta["architecture"], d_model=d_model)
-
-
-def load_sae(path: str | Path) -> SparseAutoencoder:
-    path = _sae_file(path)
-    with _open(path, "sae") as f:
-        meta = _metadata(f, path, "sae")
-        tensors = {n: f.get_tensor(n) for n in _SAE_TENSORS if n in f.keys()}
+def _layer(meta: dict, path: Path, layer: int | None) -> int:
     try:
-        return SparseAutoencoder(**tensors, layer=int(meta["layer"]), architecture=meta["architecture"],
-                                 k=int(meta["k"]) if "k" in meta else None,
-                                 apply_b_dec_to_input=meta.get("apply_b_dec_to_input", "true") == "true")
-    except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"SAE file {str(path)!r}: {e}") from None
+        return resolve_layer(path, int(meta["layer"]), layer)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"SAE file {str(path)!r}: bad or missing 'layer' metadata ({e})") from None
+
+
+def read_sae_facts(path: str | Path, layer: int | None = None) -> SaeFacts:
+    path = _sae_file(path)
+    with _open(path, "sae") as f:
+        meta = _metadata(f, path, "sae")
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return facts(shapes, path, layer=_layer(meta, path, layer), architecture=meta.get("architecture", "?"),
+                 normalize=meta.get("normalize_activations", "none"))
+
+
+def load_sae(path: str | Path, layer: int | None = None) -> SparseAutoencoder:
+    path = _sae_file(path)
+    with _open(path, "sae") as f:
+        meta = _metadata(f, path, "sae")
+    tensors = safetensors_tensors(path, _SAE_TENSORS)
+    try:
+        k = int(meta["k"]) if "k" in meta else None
+    except ValueError:
+        raise ValueError(f"SAE file {str(path)!r}: bad 'k' metadata {meta['k']!r}") from None
+    return build_sae(path, **tensors, layer=_layer(meta, path, layer), architecture=meta.get("architecture", "?"),
+                     k=k, apply_b_dec_to_input=meta.get("apply_b_dec_to_input", "true") == "true",
+                     normalize_activations=meta.get("normalize_activations", "none"))
 
 
 def save_vector(layers: dict[int, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -99,11 +110,14 @@ def read_vector_layers(path: str | Path) -> dict[int, int]:
     path = Path(path)
     with _open(path, "vector") as f:
         _metadata(f, path, "vector")
-        return {_layer_of(k, path): f.get_slice(k).get_shape()[-1] for k in f.keys()}
+        shapes = {_layer_of(k, path): f.get_slice(k).get_shape() for k in f.keys()}
+    for layer, shape in shapes.items():
+        if len(shape) != 1:
+            raise ValueError(f"vector file {str(path)!r}: layer.{layer} has shape {list(shape)}, expected [d_model]")
+    return {layer: shape[0] for layer, shape in shapes.items()}
 
 
 def load_vector(path: str | Path) -> dict[int, torch.Tensor]:
     path = Path(path)
-    with _open(path, "vector") as f:
-        _metadata(f, path, "vector")
-        return {_layer_of(k, path): f.get_tensor(k).float().reshape(-1) for k in f.keys()}
+    read_vector_layers(path)  # names and shapes checked before any data is read
+    return {_layer_of(k, path): v for k, v in safetensors_tensors(path).items()}

@@ -21,3 +21,7 @@ def register() -> None:
     from sae_steer.vllm_plugin import frontend, steering_op
     steering_op.patch_decoder_layers()
     frontend.install()
+    # In the API server: a `steering` field that reaches vLLM's own request models means our HTTP
+    # endpoints are off; fail such requests (400) instead of silently serving them unsteered.
+    from sae_steer.server.protocol import refuse_unhandled_steering
+    refuse_unhandled_steering()

@@ -13,6 +13,7 @@ from sae_steer.registry import SETTINGS_KEY, Settings
 from sae_steer.spec import ModelFacts
 
 _current: ModelFacts | None = None  # the facts of the engine this process serves (front end)
+_current_settings: Settings | None = None
 
 
 def settings_of(config) -> Settings | None:
@@ -39,9 +40,14 @@ def _facts(settings_json: str, d_model: int, num_layers: int) -> ModelFacts:
 
 
 def record(config) -> None:
-    global _current
+    global _current, _current_settings
     _current = facts_for(config)
+    _current_settings = settings_of(config)
 
 
 def current() -> ModelFacts | None:
     return _current
+
+
+def current_settings() -> Settings | None:
+    return _current_settings

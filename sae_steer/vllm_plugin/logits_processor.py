@@ -15,8 +15,8 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from sae_steer.registry import Registry
-from sae_steer.spec import SteeringError, parse_steering
-from sae_steer.vllm_plugin import facts, steering_op
+from sae_steer.spec import SteeringError, check_capture_layers, parse_steering, parse_telemetry
+from sae_steer.vllm_plugin import facts, observers, steering_op
 from sae_steer.vllm_plugin.table import SteeringTable
 
 logger = logging.getLogger("vllm.sae_steer")
@@ -26,21 +26,39 @@ def _steering_arg(params):
     return (params.extra_args or {}).get("steering") if params is not None else None
 
 
+def _observe_arg(params) -> dict | None:
+    """Telemetry / capture requests, set by sae-steer's HTTP server (see observers.py)."""
+    extra = (params.extra_args or {}) if params is not None else {}
+    observe = {name: extra[key] for name, key in (("telemetry", observers.TELEMETRY_KEY),
+                                                  ("capture", observers.CAPTURE_KEY)) if key in extra}
+    return observe or None
+
+
 class SteeringLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        steering = _steering_arg(sampling_params)
-        if steering is None:
+        steering, observe = _steering_arg(sampling_params), _observe_arg(sampling_params)
+        if steering is None and observe is None:
             return
-        model_facts = facts.current()
-        if model_facts is None:
-            raise SteeringError("steering", "this engine does not serve steering: start it with "
-                                            "additional_config={'sae_steer': {...}} and the sae_steer plugin enabled")
-        parse_steering(steering, model_facts)
+        try:
+            model_facts = facts.current()
+            if model_facts is None:
+                raise SteeringError("steering", "this engine does not serve steering: start it with "
+                                                "additional_config={'sae_steer': {...}} and the sae_steer plugin enabled")
+            if steering is not None:
+                parse_steering(steering, model_facts)
+            if observe and "telemetry" in observe:
+                parse_telemetry(observe["telemetry"], model_facts)
+            if observe and "capture" in observe:
+                check_capture_layers(observe["capture"].get("layers"), model_facts, "capture.layers")
+        except SteeringError as e:  # -> HTTP 400 with OpenAI's `param` set to the field
+            from vllm.exceptions import VLLMValidationError
+            raise VLLMValidationError(str(e), parameter=e.field) from None
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.facts = facts.facts_for(vllm_config)
         self.table = None
+        steering_op.set_table(None)  # never steer with a table left by an earlier engine in this process
         if self.facts is None:
             return
         if not steering_op.patched_classes:
@@ -67,7 +85,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
             return
         added = []
         for row, params, prompt_ids, _output_ids in batch_update.added:
-            added.append((row, self._parse(params), len(prompt_ids or ())))
+            added.append((row, self._parse(params), len(prompt_ids or ()), _observe_arg(params)))
         moved = [(a, b, d == MoveDirectionality.SWAP) for a, b, d in batch_update.moved]
         self.table.update(added, list(batch_update.removed), moved)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sae_steer.sae import SparseAutoencoder
+from sae_steer.vllm_plugin import observers
 from sae_steer.spec import SaeIntervention, Steering
 from sae_steer.registry import Registry
 
@@ -118,6 +119,8 @@ class SteeringTable:
         # Host-side mirrors: the bookkeeping is Python (once per batch change), the hot path is not.
         self._row_slot = [0] * max_rows
         self._row_prompt_len = [0] * max_rows
+        self._row_observe: list[dict | None] = [None] * max_rows  # telemetry / capture (see observers.py)
+        self.observed_layers: set[int] = set()
         self._slots: dict[int, _SlotInfo] = {}
         self._slot_of: dict[str, int] = {}
         self._free = list(range(n_slots - 1, 0, -1))
@@ -127,30 +130,33 @@ class SteeringTable:
 
     # ---- bookkeeping: called from the logits processor's update_state, before the forward ----
 
-    def update(self, added: list[tuple[int, Steering | None, int]], removed: list[int],
-               moved: list[tuple[int, int, bool]]) -> None:
-        """added: (row, steering, prompt_len); moved: (a, b, swap). vLLM's order: removed, added, moved."""
+    def update(self, added: list[tuple], removed: list[int], moved: list[tuple[int, int, bool]]) -> None:
+        """added: (row, steering, prompt_len[, observe]); moved: (a, b, swap).
+        vLLM's order: removed, added, moved."""
         for row in removed:
             self._release(row)
-        for row, steering, prompt_len in added:
+        for row, steering, prompt_len, *observe in added:
             self._release(row)
             self._row_slot[row] = 0 if steering is None else self._acquire(steering)
             self._row_prompt_len[row] = prompt_len
+            self._row_observe[row] = observe[0] if observe else None
+        per_row = (self._row_slot, self._row_prompt_len, self._row_observe)
         for a, b, swap in moved:
             if swap:
-                self._row_slot[a], self._row_slot[b] = self._row_slot[b], self._row_slot[a]
-                self._row_prompt_len[a], self._row_prompt_len[b] = self._row_prompt_len[b], self._row_prompt_len[a]
+                for values in per_row:
+                    values[a], values[b] = values[b], values[a]
             else:
                 self._release(b)
-                self._row_slot[b], self._row_prompt_len[b] = self._row_slot[a], self._row_prompt_len[a]
-                self._row_slot[a] = 0
+                for values in per_row:
+                    values[b] = values[a]
+                self._row_slot[a], self._row_observe[a] = 0, None
         self.row_slot.copy_(torch.tensor(self._row_slot), non_blocking=True)
         self.row_prompt_len.copy_(torch.tensor(self._row_prompt_len), non_blocking=True)
         self._refresh_layer_flags()
 
     def _release(self, row: int) -> None:
         slot = self._row_slot[row]
-        self._row_slot[row] = 0
+        self._row_slot[row], self._row_observe[row] = 0, None
         if slot == 0:
             return
         info = self._slots[slot]
@@ -212,12 +218,24 @@ class SteeringTable:
             self.layer_live[li] = bool(live)
             self.edits_in_use[li] = max((s.edits.get(li, 0) for s in live), default=0)
             self.topk_live[li] = {name for name, _, _ in dictionary.topk if any(name in s.saes for s in live)}
+        self.observed_layers = set()
+        for observe in filter(None, self._row_observe):
+            if "telemetry" in observe:
+                self.observed_layers.add(self.registry.saes[observe["telemetry"]["sae"]].layer)
+            self.observed_layers.update(observe.get("capture", {}).get("layers", ()))
 
     # ---- the hot path: one call per steerable layer per forward step ----
 
     def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
               query_start_loc: torch.Tensor) -> torch.Tensor:
         """hidden, residual [T, d] (the residual stream is their sum) -> hidden with every row's steering added."""
+        out = self._steer(layer, hidden, residual, positions, query_start_loc)
+        if layer in self.observed_layers:
+            self._observe(layer, hidden, residual, out, positions, query_start_loc)
+        return out
+
+    def _steer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
+               query_start_loc: torch.Tensor) -> torch.Tensor:
         li = self.layer_index[layer]
         T, n_rows = hidden.shape[0], query_start_loc.shape[0] - 1
         if not self.layer_live[li] or n_rows == 0:
@@ -242,3 +260,28 @@ class SteeringTable:
             coef = torch.zeros(T, uniq.shape[0], device=x.device).scatter_add_(1, inv[:, :E], change)  # [T, U]
             delta = delta + coef @ self.dictionaries[li].dec[uniq]  # sum_e change_e W_dec[feat_e]
         return torch.where(edited[:, None], hidden + delta.to(hidden.dtype), hidden)
+
+    def _observe(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, steered: torch.Tensor,
+                 positions: torch.Tensor, query_start_loc: torch.Tensor) -> None:
+        """Telemetry and capture for the rows that asked (a Python loop over those rows only)."""
+        bounds = query_start_loc.tolist()
+        for row in range(len(bounds) - 1):
+            observe = self._row_observe[row]
+            if not observe:
+                continue
+            seg, plen = slice(bounds[row], bounds[row + 1]), self._row_prompt_len[row]
+            pos = positions[seg]
+            telemetry = observe.get("telemetry")
+            if telemetry and self.registry.saes[telemetry["sae"]].layer == layer:
+                produces = pos >= plen - 1  # positions whose logits pick a generated token
+                if produces.any():
+                    sae = self.registry.saes[telemetry["sae"]]
+                    f = sae.encode((steered[seg] + residual[seg]).float()[produces])  # [n, d_sae]
+                    top = f.topk(min(int(telemetry["top_k"]), sae.d_sae), dim=-1)
+                    observers.record_telemetry(telemetry["id"], pos[produces].tolist(), top.indices.tolist(),
+                                               top.values.tolist())
+            capture = observe.get("capture")
+            if capture and layer in capture["layers"]:
+                last = (pos == plen - 1).nonzero()
+                if len(last):
+                    observers.record_capture(capture["id"], layer, (hidden[seg] + residual[seg])[int(last[0, 0])])

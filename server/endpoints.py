@@ -1,0 +1,406 @@
+"""sae-steer's HTTP extension: a `vllm.endpoint_plugins` entry point for vLLM's OpenAI server.
+
+Routes (all under /v1, so vLLM's `--api-key` guards them when set):
+
+    POST   /v1/completions, /v1/chat/completions   vLLM's own, plus `steering`, `telemetry`, `compare`
+    GET    /v1/steering/saes                        registered SAEs
+    GET    /v1/steering/saes/{name}/features/{i}    decoder norm, logit-lens top tokens, label
+    GET    /v1/steering/vectors                     registered and built vectors
+    POST   /v1/steering/vectors                     build a CAA vector from contrast pairs (admin key)
+    DELETE /v1/steering/vectors/{name}              drop a built vector (admin key)
+
+The completion routes replace vLLM's (endpoint plugins may override a path); they validate the
+steering against the served model up front (400 naming the field, OpenAI's error shape) and then
+hand the request to vLLM's own serving handlers.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import os
+import random
+import uuid
+from http import HTTPStatus
+from pathlib import Path
+
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from sae_steer.features import LogitLens, load_labels
+from sae_steer.server.protocol import SteeredChatCompletionRequest, SteeredCompletionRequest
+from sae_steer.spec import SteeringError, check_capture_layers, parse_steering, parse_telemetry
+from sae_steer.vllm_plugin import facts, observers
+
+logger = logging.getLogger("vllm.sae_steer")
+router = APIRouter()
+ADMIN_KEY_ENV = "SAE_STEER_ADMIN_KEY"
+VECTOR_DIR_ENV = "SAE_STEER_VECTOR_DIR"
+MAX_PAIRS = 4096
+
+
+def error(message: str, param: str | None = None, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> JSONResponse:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+            404: "NotFoundError", 409: "ConflictError"}.get(status.value, status.phrase)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status.value}},
+                        status_code=status.value)
+
+
+class SteeringState:
+    """What the routes need, built once per API server."""
+
+    def __init__(self, engine_client, args):
+        self.engine_client = engine_client
+        self.facts = facts.current()
+        if self.facts is None:
+            raise RuntimeError("sae-steer's HTTP endpoints are enabled but the engine has no sae_steer settings: "
+                               "pass --additional-config '{\"sae_steer\": {...}}' (or use `sae-steer serve`)")
+        self.settings = facts.current_settings()
+        self.model_path = Path(args.model)
+        self.tokenizer_path = getattr(args, "tokenizer", None) or args.model
+        self.admin_key = getattr(args, "steering_admin_key", None) or os.environ.get(ADMIN_KEY_ENV)
+        self.vector_dir = Path(os.environ.get(VECTOR_DIR_ENV) or "steering-vectors").resolve()
+        self.built: dict[str, dict[int, torch.Tensor]] = {}  # vectors built over HTTP: name -> layer -> v
+        self._lens, self._tokenizer = None, None
+        self.labels = {name: load_labels(path, self.facts.saes[name].d_sae) for name, path in self.settings.labels.items()}
+        for path in sorted(self.vector_dir.glob("*.safetensors")) if self.vector_dir.is_dir() else ():
+            self._adopt(path)
+
+    def _adopt(self, path: Path) -> None:
+        from sae_steer.formats import load_vector
+        layers = load_vector(path)
+        if layers and set(layers) <= self.facts.steerable_layers and path.stem not in self.facts.vectors \
+                and all(v.shape[0] == self.facts.d_model for v in layers.values()):
+            self.built[path.stem] = layers
+
+    # ---- steering with built vectors: expanded to inline vectors, so workers need no new files ----
+
+    def expand(self, steering):
+        if not isinstance(steering, dict) or not isinstance(steering.get("interventions"), list):
+            return steering
+        out = []
+        for iv in steering["interventions"]:
+            name = iv.get("vector") if isinstance(iv, dict) and iv.get("type") == "vector" else None
+            if name in self.built and name not in self.facts.vectors:
+                rest = {k: v for k, v in iv.items() if k not in ("vector", "layer")}
+                layers = self.built[name] if iv.get("layer") is None else \
+                    {iv["layer"]: self.built[name][iv["layer"]]} if iv["layer"] in self.built[name] else {}
+                if not layers:
+                    out.append(iv)  # parse_steering reports the unknown layer
+                out += [{**rest, "layer": L, "values": v.tolist()} for L, v in sorted(layers.items())]
+            else:
+                out.append(iv)
+        return {**steering, "interventions": out}
+
+    # ---- model pieces for the logit lens, loaded on first use in this process ----
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tokenizer
+
+    def logit_lens(self) -> LogitLens:
+        """The served model's final norm and unembedding, read from its safetensors on first use."""
+        if self._lens is None:
+            from safetensors import safe_open
+            from sae_steer.formats import load_sae
+            config = json.loads((self.model_path / "config.json").read_text())
+            found = {}
+            for file in sorted(self.model_path.glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as f:
+                    for key in set(f.keys()) & {"model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"}:
+                        found[key] = f.get_tensor(key).float()
+            unembed = found.get("lm_head.weight", found.get("model.embed_tokens.weight"))
+            if unembed is None or "model.norm.weight" not in found:
+                raise RuntimeError(f"cannot find the final norm / unembedding in {self.model_path}")
+            norm = found["model.norm.weight"]
+            if config.get("model_type", "").startswith("gemma"):
+                norm = 1.0 + norm  # Gemma's RMSNorm scales by (1 + w)
+            saes = {name: load_sae(path) for name, path in self.settings.saes.items()}
+            self._lens = LogitLens(saes, norm, float(config.get("rms_norm_eps", 1e-6)), unembed)
+        return self._lens
+
+
+def state(request: Request) -> SteeringState:
+    return request.app.state.sae_steer
+
+
+def require_admin(request: Request, authorization: str | None = Header(default=None),
+                  x_steering_admin_key: str | None = Header(default=None)) -> None:
+    """Mutating routes need the admin key (Authorization: Bearer KEY or X-Steering-Admin-Key: KEY)."""
+    key = state(request).admin_key
+    given = x_steering_admin_key or (authorization[7:] if authorization and authorization.startswith("Bearer ")
+                                     else None)
+    if not key:
+        raise _HTTPError(error("steering admin routes are disabled: start the server with --steering-admin-key "
+                               f"or {ADMIN_KEY_ENV}", status=HTTPStatus.FORBIDDEN))
+    if given != key:
+        raise _HTTPError(error("missing or wrong steering admin key (X-Steering-Admin-Key header)",
+                               status=HTTPStatus.UNAUTHORIZED))
+
+
+class _HTTPError(Exception):
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
+# ---- completions ----
+
+def _check(request, st: SteeringState) -> JSONResponse | None:
+    """Validate the three fields; rewrite built vectors and telemetry ids in place."""
+    try:
+        if request.steering is not None:
+            request.steering = st.expand(request.steering)
+            parse_steering(request.steering, st.facts)
+        if request.telemetry is not None:
+            request.telemetry = parse_telemetry(request.telemetry, st.facts)
+            if (request.n or 1) > 1 or getattr(request, "use_beam_search", False):
+                raise SteeringError("telemetry", "telemetry needs n=1 (each choice would need its own record)")
+            prompt = getattr(request, "prompt", None)
+            if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+                if len(prompt) > 1:
+                    raise SteeringError("telemetry", "telemetry needs a single prompt per request")
+            request.telemetry["id"] = uuid.uuid4().hex
+        if request.compare:
+            if request.steering is None:
+                raise SteeringError("compare", "compare needs steering to compare against")
+            if request.stream:
+                raise SteeringError("compare", "compare is not available with stream=true; send two requests")
+    except SteeringError as e:
+        return error(str(e), e.field)
+    return None
+
+
+def _respond(result, raw_request: Request, telemetry: dict | None, st: SteeringState):
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    if isinstance(result, ErrorResponse):
+        return JSONResponse(content=result.model_dump(), status_code=result.error.code)
+    if isinstance(result, BaseModel):
+        body = result.model_dump()
+        if telemetry:
+            _attach_telemetry(body["choices"][0], telemetry, st, final=True)
+        return JSONResponse(content=body)
+    return StreamingResponse(_stream(result, telemetry, st), media_type="text/event-stream")
+
+
+async def _stream(chunks, telemetry: dict | None, st: SteeringState):
+    sent: set[int] = set()
+    try:
+        async for chunk in chunks:
+            if telemetry and chunk.startswith("data: {"):
+                body = json.loads(chunk[6:])
+                if body.get("choices"):
+                    _attach_telemetry(body["choices"][0], telemetry, st, sent=sent)
+                    chunk = f"data: {json.dumps(body)}\n\n"
+            yield chunk
+    finally:
+        if telemetry:
+            observers.discard(telemetry["id"])
+
+
+def _attach_telemetry(choice: dict, telemetry: dict, st: SteeringState, final: bool = False,
+                      sent: set[int] | None = None) -> None:
+    """choice["telemetry"] = [{"token_index", "features": [{"index", "activation", "label"}]}] for the
+    tokens whose records are in (token_index 0 = the first generated token)."""
+    observer_id, sae = telemetry["id"], telemetry["sae"]
+    records = observers.read_telemetry(observer_id)
+    if not records:
+        choice["telemetry"] = []
+        return
+    first = min(records)  # the last prompt position: it produces generated token 0
+    labels = st.labels.get(sae, {})
+    out = []
+    for position in sorted(records):
+        index = position - first
+        if sent is not None and index in sent:
+            continue
+        rec = records[position]
+        out.append({"token_index": index, "features": [
+            {"index": i, "activation": a, "label": labels.get(i)}
+            for i, a in zip(rec["features"], rec["activations"]) if a > 0]})
+        if sent is not None:
+            sent.add(index)
+    choice["telemetry"] = out
+    if final:
+        observers.discard(observer_id)
+
+
+async def _serve(request, raw_request: Request, handler_name: str, method: str):
+    st = state(raw_request)
+    bad = _check(request, st)
+    if bad is not None:
+        return bad
+    handler = getattr(raw_request.app.state, handler_name)
+    if handler is None:
+        return error("this model does not support this API", status=HTTPStatus.NOT_FOUND)
+    if not request.compare:
+        return _respond(await getattr(handler, method)(request, raw_request), raw_request, request.telemetry, st)
+    # compare: the same request twice, one without steering, with one shared seed.
+    if request.seed is None:
+        request.seed = random.randrange(2**31)
+    plain = request.model_copy(update={"steering": None, "compare": False, "telemetry": None,
+                                       "request_id": f"{getattr(request, 'request_id', None) or uuid.uuid4().hex}-unsteered"})
+    steered, unsteered = await asyncio.gather(getattr(handler, method)(request, raw_request),
+                                              getattr(handler, method)(plain, None))
+    for result in (steered, unsteered):
+        if not isinstance(result, BaseModel) or not hasattr(result, "choices"):
+            return _respond(result, raw_request, None, st)
+    body = steered.model_dump()
+    if request.telemetry:
+        _attach_telemetry(body["choices"][0], request.telemetry, st, final=True)
+    body["unsteered"] = {"id": unsteered.id, "choices": unsteered.model_dump()["choices"]}
+    return JSONResponse(content=body)
+
+
+@router.post("/v1/completions", responses={400: {"description": "bad request, e.g. invalid steering"}})
+async def create_completion(request: SteeredCompletionRequest, raw_request: Request):
+    return await _serve(request, raw_request, "openai_serving_completion", "create_completion")
+
+
+@router.post("/v1/chat/completions", responses={400: {"description": "bad request, e.g. invalid steering"}})
+async def create_chat_completion(request: SteeredChatCompletionRequest, raw_request: Request):
+    return await _serve(request, raw_request, "openai_serving_chat", "create_chat_completion")
+
+
+# ---- SAEs ----
+
+@router.get("/v1/steering/saes")
+async def list_saes(raw_request: Request):
+    st = state(raw_request)
+    return {"object": "list", "data": [
+        {"name": n, "layer": f.layer, "d_sae": f.d_sae, "architecture": f.architecture, "d_model": f.d_model}
+        for n, f in sorted(st.facts.saes.items())]}
+
+
+@router.get("/v1/steering/saes/{name}/features/{index}")
+async def describe_feature(name: str, index: int, raw_request: Request, top_k: int = 10):
+    st = state(raw_request)
+    if name not in st.facts.saes:
+        return error(f"unknown SAE {name!r}; registered: {sorted(st.facts.saes)}", "name", HTTPStatus.NOT_FOUND)
+    if not 0 <= index < st.facts.saes[name].d_sae:
+        return error(f"feature {index} is out of range (d_sae={st.facts.saes[name].d_sae})", "index",
+                     HTTPStatus.NOT_FOUND)
+    if not 1 <= top_k <= 100:
+        return error("top_k must be in 1..100", "top_k")
+    lens = st.logit_lens()
+    lens_tokens = lens.top_tokens(name, index, top_k)
+    tok = st.tokenizer()
+
+    def tokens(pairs):
+        return [{"token_id": t, "token": tok.decode([t]), "logit": v} for t, v in pairs]
+
+    return {"sae": name, "index": index, "layer": st.facts.saes[name].layer,
+            "decoder_norm": float(lens.saes[name].W_dec[index].float().norm()),
+            "top_tokens": tokens(lens_tokens["top"]), "bottom_tokens": tokens(lens_tokens["bottom"]),
+            "label": st.labels.get(name, {}).get(index)}
+
+
+# ---- vectors ----
+
+@router.get("/v1/steering/vectors")
+async def list_vectors(raw_request: Request):
+    st = state(raw_request)
+    data = [{"name": n, "layers": sorted(L), "source": "config"} for n, L in sorted(st.facts.vectors.items())]
+    data += [{"name": n, "layers": sorted(v), "source": "built", "path": str(st.vector_dir / f"{n}.safetensors")}
+             for n, v in sorted(st.built.items())]
+    return {"object": "list", "data": data}
+
+
+class ContrastPair(BaseModel):
+    positive: str = Field(min_length=1, description="text showing the behaviour (ends at the answer token)")
+    negative: str = Field(min_length=1, description="the same with the opposite behaviour")
+
+
+class BuildVectorRequest(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    pairs: list[ContrastPair] = Field(min_length=1, max_length=MAX_PAIRS)
+    layers: list[int] = Field(min_length=1)
+    overwrite: bool = False
+
+
+@router.post("/v1/steering/vectors", dependencies=[Depends(require_admin)], status_code=201)
+async def build_vector(body: BuildVectorRequest, raw_request: Request):
+    """CAA (Panickssery et al. 2024): v_L = mean over pairs of x_L(positive) - x_L(negative), where x_L is
+    the residual stream after layer L at the last token of each text (the answer token)."""
+    st = state(raw_request)
+    try:
+        layers = check_capture_layers(body.layers, st.facts)
+    except SteeringError as e:
+        return error(str(e), e.field)
+    if body.name in st.facts.vectors or body.name in st.facts.saes:
+        return error(f"{body.name!r} is registered in the server's config; pick another name", "name",
+                     HTTPStatus.CONFLICT)
+    if body.name in st.built and not body.overwrite:
+        return error(f"vector {body.name!r} exists; pass overwrite=true to replace it", "name", HTTPStatus.CONFLICT)
+    tok = st.tokenizer()
+    texts = [t for p in body.pairs for t in (p.positive, p.negative)]
+    logger.info("sae-steer: building vector %r from %d pairs at layers %s", body.name, len(body.pairs), layers)
+    done = 0
+
+    async def capture(text: str) -> dict[int, torch.Tensor]:
+        nonlocal done
+        from vllm import SamplingParams
+        cid = uuid.uuid4().hex
+        params = SamplingParams(max_tokens=1, temperature=0.0,
+                                extra_args={observers.CAPTURE_KEY: {"id": cid, "layers": layers}})
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+        try:
+            async for _ in st.engine_client.generate({"prompt_token_ids": ids}, params, f"sae-steer-capture-{cid}"):
+                pass
+            got = {L: observers.read_capture(cid, L) for L in layers}
+        finally:
+            observers.discard(cid)
+        done += 1
+        if done % max(1, len(texts) // 10) == 0 or done == len(texts):
+            logger.info("sae-steer: vector %r: %d/%d texts", body.name, done, len(texts))
+        missing = [L for L, x in got.items() if x is None]
+        if missing:
+            raise RuntimeError(f"no activation captured at layers {missing}")
+        return got
+
+    acts = await asyncio.gather(*(capture(t) for t in texts))
+    vector = {L: torch.stack([acts[2 * i][L] - acts[2 * i + 1][L] for i in range(len(body.pairs))]).mean(0)
+              for L in layers}
+    from sae_steer.formats import save_vector
+    path = save_vector(vector, st.vector_dir / f"{body.name}.safetensors",
+                       metadata={"built_from_pairs": str(len(body.pairs)), "method": "caa-mean-difference"})
+    st.built[body.name] = vector
+    logger.info("sae-steer: vector %r saved to %s", body.name, path)
+    return {"name": body.name, "layers": layers, "pairs": len(body.pairs), "path": str(path),
+            "norms": {str(L): float(v.norm()) for L, v in vector.items()}}
+
+
+@router.delete("/v1/steering/vectors/{name}", dependencies=[Depends(require_admin)])
+async def delete_vector(name: str, raw_request: Request):
+    st = state(raw_request)
+    if name in st.facts.vectors:
+        return error(f"vector {name!r} comes from the server's config and cannot be deleted over HTTP", "name",
+                     HTTPStatus.CONFLICT)
+    if name not in st.built:
+        return error(f"no built vector {name!r}", "name", HTTPStatus.NOT_FOUND)
+    del st.built[name]
+    (st.vector_dir / f"{name}.safetensors").unlink(missing_ok=True)
+    return {"name": name, "deleted": True}
+
+
+class SteeringEndpoints:
+    """The `vllm.endpoint_plugins` entry point (loaded when VLLM_PLUGINS names `sae_steer`)."""
+    name = "sae_steer"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+        @app.exception_handler(_HTTPError)
+        async def _(request: Request, exc: _HTTPError):
+            return exc.response
+
+    async def init_state(self, engine_client, state, args) -> None:
+        state.sae_steer = SteeringState(engine_client, args)
+        logger.info("sae-steer: HTTP endpoints ready (steering field, /v1/steering/*); admin routes %s",
+                    "enabled" if state.sae_steer.admin_key else "disabled (no --steering-admin-key)")

@@ -1,0 +1,78 @@
+"""Request models of the HTTP extension: vLLM's own completion/chat requests plus three fields.
+
+    steering   the same object as offline `extra_args["steering"]` (see the README)
+    telemetry  {"sae": NAME, "top_k": K}: top-K active features of that SAE per generated token
+    compare    true: also return the unsteered completion (same sampling settings and seed)
+
+Over HTTP, vLLM's `vllm_xargs` takes only flat values, so these fields are declared here and
+`to_sampling_params` carries them into `SamplingParams.extra_args` as structured objects.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+STEERING_DOC = ("Per-request steering: {\"interventions\": [...], \"positions\": \"all|prompt|generated\"}. "
+                "Interventions: {\"type\": \"sae\", \"sae\", \"feature\", \"mode\": add|clamp|ablate|scale, "
+                "\"strength\"|\"value\"|\"factor\", \"when\": {\"feature\", \"above\"}} or "
+                "{\"type\": \"vector\", \"vector\"|\"values\"+\"layer\", \"coef\"}.")
+TELEMETRY_DOC = "{\"sae\": NAME, \"top_k\": K}: the top-K active features of that SAE for every generated token."
+COMPARE_DOC = "Also return the unsteered completion, with the same sampling settings and seed, under `unsteered`."
+
+TELEMETRY_KEY = "sae_steer_telemetry"  # extra_args key; set by the server, never by the client
+
+
+class _SteeringFields:
+    def _with_steering(self, params):
+        extra = dict(params.extra_args or {})
+        if self.steering is not None:
+            extra["steering"] = self.steering
+        if self.telemetry is not None:
+            extra[TELEMETRY_KEY] = self.telemetry
+        params.extra_args = extra or None
+        return params
+
+
+class SteeredCompletionRequest(_SteeringFields, CompletionRequest):
+    steering: dict[str, Any] | None = Field(default=None, description=STEERING_DOC)
+    telemetry: dict[str, Any] | None = Field(default=None, description=TELEMETRY_DOC)
+    compare: bool = Field(default=False, description=COMPARE_DOC)
+
+    def to_sampling_params(self, *args, **kwargs):
+        return self._with_steering(super().to_sampling_params(*args, **kwargs))
+
+
+class SteeredChatCompletionRequest(_SteeringFields, ChatCompletionRequest):
+    steering: dict[str, Any] | None = Field(default=None, description=STEERING_DOC)
+    telemetry: dict[str, Any] | None = Field(default=None, description=TELEMETRY_DOC)
+    compare: bool = Field(default=False, description=COMPARE_DOC)
+
+    def to_sampling_params(self, *args, **kwargs):
+        return self._with_steering(super().to_sampling_params(*args, **kwargs))
+
+
+def refuse_unhandled_steering() -> None:
+    """Installed by the general plugin in the API process: if a request still carries `steering`
+    in vLLM's own request models, our endpoints are not active, and serving it would silently
+    ignore the steering. Fail it with 400 instead."""
+    from vllm.exceptions import VLLMValidationError
+    for cls in (CompletionRequest, ChatCompletionRequest):
+        if getattr(cls, "_sae_steer_guard", False):
+            continue
+        original = cls.to_sampling_params
+
+        def guarded(self, *args, _original=original, **kwargs):
+            stray = {"steering", "telemetry", "compare"} & set(self.model_extra or {})
+            if stray:
+                field = sorted(stray)[0]
+                raise VLLMValidationError(
+                    f"{field}: this server does not have sae-steer's HTTP endpoints enabled, so `{field}` would be "
+                    "ignored; start it with `sae-steer serve` or set VLLM_PLUGINS to include sae_steer",
+                    parameter=field)
+            return _original(self, *args, **kwargs)
+
+        cls.to_sampling_params = guarded
+        cls._sae_steer_guard = True

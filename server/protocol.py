@@ -37,8 +37,8 @@ class _SteeringFields:
 
 
 class SteeredCompletionRequest(_SteeringFields, CompletionRequest):
-    steering: dict[str, Any] | None = Field(default=None, description=STEERING_DOC)
-    telemetry: dict[str, Any] | None = Field(default=None, description=TELEMETRY_DOC)
+    steering: Any = Field(default=None, description=STEERING_DOC)  # any JSON: parse_steering names bad fields
+    telemetry: Any = Field(default=None, description=TELEMETRY_DOC)
     compare: bool = Field(default=False, description=COMPARE_DOC)
 
     def to_sampling_params(self, *args, **kwargs):
@@ -46,8 +46,8 @@ class SteeredCompletionRequest(_SteeringFields, CompletionRequest):
 
 
 class SteeredChatCompletionRequest(_SteeringFields, ChatCompletionRequest):
-    steering: dict[str, Any] | None = Field(default=None, description=STEERING_DOC)
-    telemetry: dict[str, Any] | None = Field(default=None, description=TELEMETRY_DOC)
+    steering: Any = Field(default=None, description=STEERING_DOC)  # any JSON: parse_steering names bad fields
+    telemetry: Any = Field(default=None, description=TELEMETRY_DOC)
     compare: bool = Field(default=False, description=COMPARE_DOC)
 
     def to_sampling_params(self, *args, **kwargs):

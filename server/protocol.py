@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+from sae_steer.vllm_plugin.observers import TELEMETRY_KEY  # set by the server, never by the client
 
 STEERING_DOC = ("Per-request steering: {\"interventions\": [...], \"positions\": \"all|prompt|generated\"}. "
                 "Interventions: {\"type\": \"sae\", \"sae\", \"feature\", \"mode\": add|clamp|ablate|scale, "
@@ -22,11 +24,15 @@ STEERING_DOC = ("Per-request steering: {\"interventions\": [...], \"positions\":
 TELEMETRY_DOC = "{\"sae\": NAME, \"top_k\": K}: the top-K active features of that SAE for every generated token."
 COMPARE_DOC = "Also return the unsteered completion, with the same sampling settings and seed, under `unsteered`."
 
-TELEMETRY_KEY = "sae_steer_telemetry"  # extra_args key; set by the server, never by the client
 
+class SteeringFields(BaseModel):
+    """The three fields, mixed into vLLM's request models (pydantic merges the fields)."""
+    steering: Any = Field(default=None, description=STEERING_DOC)  # any JSON: parse_steering names bad fields
+    telemetry: Any = Field(default=None, description=TELEMETRY_DOC)
+    compare: bool = Field(default=False, description=COMPARE_DOC)
 
-class _SteeringFields:
-    def _with_steering(self, params):
+    def to_sampling_params(self, *args, **kwargs):
+        params = super().to_sampling_params(*args, **kwargs)
         extra = dict(params.extra_args or {})
         if self.steering is not None:
             extra["steering"] = self.steering
@@ -36,22 +42,12 @@ class _SteeringFields:
         return params
 
 
-class SteeredCompletionRequest(_SteeringFields, CompletionRequest):
-    steering: Any = Field(default=None, description=STEERING_DOC)  # any JSON: parse_steering names bad fields
-    telemetry: Any = Field(default=None, description=TELEMETRY_DOC)
-    compare: bool = Field(default=False, description=COMPARE_DOC)
-
-    def to_sampling_params(self, *args, **kwargs):
-        return self._with_steering(super().to_sampling_params(*args, **kwargs))
+class SteeredCompletionRequest(SteeringFields, CompletionRequest):
+    pass
 
 
-class SteeredChatCompletionRequest(_SteeringFields, ChatCompletionRequest):
-    steering: Any = Field(default=None, description=STEERING_DOC)  # any JSON: parse_steering names bad fields
-    telemetry: Any = Field(default=None, description=TELEMETRY_DOC)
-    compare: bool = Field(default=False, description=COMPARE_DOC)
-
-    def to_sampling_params(self, *args, **kwargs):
-        return self._with_steering(super().to_sampling_params(*args, **kwargs))
+class SteeredChatCompletionRequest(SteeringFields, ChatCompletionRequest):
+    pass
 
 
 def refuse_unhandled_steering() -> None:

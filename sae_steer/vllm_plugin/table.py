@@ -127,6 +127,10 @@ class SteeringTable:
         self.edits_in_use = [0] * n_layers  # per layer: the widest slot's edit count (E of this step)
         self.layer_live = [False] * n_layers  # per layer: does any live slot touch it
         self.topk_live: list[set[str]] = [set() for _ in self.layers]
+        # On CUDA the per-layer work is one fused Triton launch (sae_steer.kernels.sparse_steer); the torch
+        # path below is the same math and serves CPU (and TopK SAEs, which need a full-width encode).
+        from sae_steer.kernels import HAS_TRITON
+        self.fused = HAS_TRITON and torch.device(device).type == "cuda"
 
     # ---- bookkeeping: called from the logits processor's update_state, before the forward ----
 
@@ -248,6 +252,8 @@ class SteeringTable:
         mode, plen = self.slot_positions[slot], self.row_prompt_len[rows]
         edited = (slot != 0) & ((mode == 0) | ((mode == 1) & (positions < plen)) | ((mode == 2) & (positions >= plen)))
 
+        if self.fused and not self.topk_live[li]:
+            return self._steer_fused(li, hidden, residual, torch.where(edited, slot, 0))
         delta = self.vector[li, slot]  # [T, d]
         E = self.edits_in_use[li]
         if E:
@@ -260,6 +266,15 @@ class SteeringTable:
             coef = torch.zeros(T, uniq.shape[0], device=x.device).scatter_add_(1, inv[:, :E], change)  # [T, U]
             delta = delta + coef @ self.dictionaries[li].dec[uniq]  # sum_e change_e W_dec[feat_e]
         return torch.where(edited[:, None], hidden + delta.to(hidden.dtype), hidden)
+
+    def _steer_fused(self, li: int, hidden: torch.Tensor, residual: torch.Tensor,
+                     token_slot: torch.Tensor) -> torch.Tensor:
+        """The Triton kernel over the full table width: fixed shapes, so it can live in a captured graph."""
+        from sae_steer.kernels.sparse_steer import sparse_steer_triton
+        d = self.dictionaries[li]
+        return sparse_steer_triton(hidden, residual, token_slot, self.edit_feature[li], self.edit_mul[li],
+                                   self.edit_add[li], self.gate_feature[li], self.gate_above[li], self.vector[li],
+                                   d.enc, d.dec, d.gate_bias, d.threshold, d.mag_scale, d.mag_bias)
 
     def _observe(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, steered: torch.Tensor,
                  positions: torch.Tensor, query_start_loc: torch.Tensor) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -63,19 +62,14 @@ def workloads(n: int) -> dict[str, list[dict | None]]:
             "half": [steering(i) if i % 2 else None for i in range(n)]}
 
 
-def time_engine(llm, prompts, steerings, max_tokens: int, repeats: int) -> float:
-    """Generated tokens per second (best of `repeats`; one warm-up run first)."""
+def run_once(llm, prompts, steerings, max_tokens: int) -> float:
+    """Generated tokens per second of one generate() call over the whole workload."""
     from vllm import SamplingParams
     params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                              extra_args=None if s is None else {"steering": s}) for s in steerings]
-    llm.generate(prompts, params, use_tqdm=False)
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        n_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        best = max(best, n_tokens / (time.perf_counter() - t))
-    return best
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
 
 
 def time_hf_hooks(model_dir: Path, settings: dict, prompts, steerings, max_tokens: int) -> float:
@@ -116,6 +110,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     n, mode = (16, "eager") if args.quick else (args.requests, "compiled")
     from vllm import LLM
@@ -124,19 +119,22 @@ def main() -> None:
     prompts = [{"prompt_token_ids": torch.randint(5, 500, (args.prompt_len,), generator=g).tolist()} for _ in range(n)]
     common = dict(model=str(model), dtype="float32", max_model_len=512, block_size=32, max_num_seqs=n, seed=0,
                   enforce_eager=(mode == "eager"))
-    results = {}
+    # Both engines live side by side (the vanilla one has no steering op in its model), and the
+    # workloads are interleaved round by round, so machine noise hits every variant alike.
     print(f"[bench] vanilla engine ({mode})", flush=True)
-    llm = LLM(**common)
-    results["vanilla"] = time_engine(llm, prompts, [None] * n, args.max_tokens, repeats=3)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    vanilla = LLM(**common)
     print(f"[bench] steering engine ({mode})", flush=True)
-    llm = LLM(**common, additional_config={"sae_steer": settings})
-    for i, (name, steerings) in enumerate(workloads(n).items(), 1):
-        print(f"[bench] {i}/4 {name}", flush=True)
-        results[name] = time_engine(llm, prompts, steerings, args.max_tokens, repeats=3)
-    llm.llm_engine.engine_core.shutdown()
+    steered = LLM(**common, additional_config={"sae_steer": settings})
+    runs = {"vanilla": (vanilla, [None] * n), **{k: (steered, v) for k, v in workloads(n).items()}}
+    results = {name: 0.0 for name in runs}
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        print(f"[bench] round {round_}/{args.rounds}", flush=True)
+        for name, (llm, steerings) in runs.items():
+            tps = run_once(llm, prompts, steerings, args.max_tokens)
+            if round_:
+                results[name] = max(results[name], tps)  # best of the rounds
+    for llm in (vanilla, steered):
+        llm.llm_engine.engine_core.shutdown()
     print("[bench] hf hooks (distinct configs)", flush=True)
     results["hf hooks"] = time_hf_hooks(model, settings, prompts, workloads(n)["distinct"], args.max_tokens)
     report = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",

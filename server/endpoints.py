@@ -16,7 +16,6 @@ hand the request to vLLM's own serving handlers.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import os

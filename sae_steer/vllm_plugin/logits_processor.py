@@ -6,6 +6,11 @@
 - `update_state` (worker, before each forward): maps persistent-batch rows to steering slots.
 - `apply`: logits are untouched (steering happens in the residual stream), so the processor is
   argmax-invariant and changes nothing for unsteered requests.
+
+vLLM loads every `vllm.logits_processors` entry point into every engine, and Model Runner V2
+refuses classes that do not subclass its own LogitsProcessor. So that merely having sae-steer
+installed never breaks a V2 engine, the class also implements the V2 interface: inert without
+sae_steer settings, and a loud refusal at startup with them (the per-request channel here is V1's).
 """
 from __future__ import annotations
 
@@ -13,6 +18,11 @@ import logging
 
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+try:  # Model Runner V2's interface (vLLM >= 0.32)
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
+except ImportError:  # pragma: no cover - older vLLM: V1 only
+    V2LogitsProcessor = object
 
 from sae_steer.registry import Registry
 from sae_steer.spec import SteeringError, check_capture_layers, parse_steering, parse_telemetry
@@ -34,7 +44,7 @@ def _observe_arg(params) -> dict | None:
     return observe or None
 
 
-class SteeringLogitsProcessor(LogitsProcessor):
+class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         steering, observe = _steering_arg(sampling_params), _observe_arg(sampling_params)
@@ -55,9 +65,17 @@ class SteeringLogitsProcessor(LogitsProcessor):
             from vllm.exceptions import VLLMValidationError
             raise VLLMValidationError(str(e), parameter=e.field) from None
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+    def __init__(self, vllm_config, device_or_req_states, is_pin_memory: bool | None = None):
+        # V1 calls (vllm_config, device, is_pin_memory); V2 calls (vllm_config, req_states).
         self.facts = facts.facts_for(vllm_config)
         self.table = None
+        if is_pin_memory is None:
+            if self.facts is not None:
+                raise RuntimeError("sae-steer steers through vLLM's V1 model runner, but this engine runs Model "
+                                   "Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1?): unset VLLM_USE_V2_MODEL_RUNNER, or "
+                                   "remove the sae_steer settings to serve without steering")
+            return
+        device = device_or_req_states
         steering_op.set_table(None)  # never steer with a table left by an earlier engine in this process
         if self.facts is None:
             return
@@ -97,5 +115,10 @@ class SteeringLogitsProcessor(LogitsProcessor):
         # plain data crosses the process boundary.
         return parse_steering(steering, self.facts)
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         return logits
+
+    # ---- Model Runner V2 (only ever inert: see the module docstring) ----
+
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        return False

@@ -137,6 +137,10 @@ def parse_steering(raw, facts: ModelFacts) -> Steering:
     """Validate a request's `steering` object; raises SteeringError naming the field."""
     if not isinstance(raw, dict):
         raise SteeringError("steering", f"must be an object, got {type(raw).__name__}")
+    for key in ("telemetry", "compare"):
+        if key in raw:
+            raise SteeringError(f"steering.{key}", f"`{key}` is answered by the HTTP server (sae-steer serve); "
+                                                   "offline requests carry interventions and positions only")
     n = raw.get("interventions")
     if isinstance(n, list) and len(n) > facts.max_interventions:
         raise SteeringError("steering.interventions",

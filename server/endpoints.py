@@ -122,7 +122,8 @@ class SteeringState:
             norm = found["model.norm.weight"]
             if config.get("model_type", "").startswith("gemma"):
                 norm = 1.0 + norm  # Gemma's RMSNorm scales by (1 + w)
-            saes = {name: load_sae(path) for name, path in self.settings.saes.items()}
+            saes = {name: load_sae(path, self.settings.layer_of.get(name))
+                    for name, path in self.settings.saes.items()}
             self._lens = LogitLens(saes, norm, float(config.get("rms_norm_eps", 1e-6)), unembed)
         return self._lens
 
@@ -152,26 +153,51 @@ class _HTTPError(Exception):
 
 # ---- completions ----
 
+def _hoist(request) -> str:
+    """DESIGN.md puts `telemetry` (and `compare`) inside the steering object; the top level works too.
+    Moves them out of `steering` (the engine only sees interventions); returns the prefix of their
+    field names for errors ("steering." when they came from inside)."""
+    steering = request.steering
+    if not isinstance(steering, dict) or not {"telemetry", "compare"} & set(steering):
+        return ""
+    for key in ("telemetry", "compare"):
+        if key in steering and key in request.model_fields_set:
+            raise SteeringError(f"steering.{key}", "given both inside `steering` and at the top level")
+    if "telemetry" in steering:
+        request.telemetry = steering["telemetry"]
+    if "compare" in steering:
+        if not isinstance(steering["compare"], bool):
+            raise SteeringError("steering.compare", "must be true or false")
+        request.compare = steering["compare"]
+    rest = {k: v for k, v in steering.items() if k not in ("telemetry", "compare")}
+    request.steering = rest if set(rest) - {"positions"} else None  # telemetry alone: an unsteered request
+    return "steering."
+
+
 def _check(request, st: SteeringState) -> JSONResponse | None:
     """Validate the three fields; rewrite built vectors and telemetry ids in place."""
+    prefix = ""
     try:
+        prefix = _hoist(request)
         if request.steering is not None:
             request.steering = st.expand(request.steering)
             parse_steering(request.steering, st.facts)
         if request.telemetry is not None:
-            request.telemetry = parse_telemetry(request.telemetry, st.facts)
+            try:
+                request.telemetry = parse_telemetry(request.telemetry, st.facts)
+            except SteeringError as e:
+                raise SteeringError(prefix + e.field, str(e).split(": ", 1)[1]) from None
             if (request.n or 1) > 1 or getattr(request, "use_beam_search", False):
-                raise SteeringError("telemetry", "telemetry needs n=1 (each choice would need its own record)")
+                raise SteeringError(prefix + "telemetry", "telemetry needs n=1 (each choice would need its own record)")
             prompt = getattr(request, "prompt", None)
-            if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-                if len(prompt) > 1:
-                    raise SteeringError("telemetry", "telemetry needs a single prompt per request")
+            if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
+                raise SteeringError(prefix + "telemetry", "telemetry needs a single prompt per request")
             request.telemetry["id"] = uuid.uuid4().hex
         if request.compare:
             if request.steering is None:
-                raise SteeringError("compare", "compare needs steering to compare against")
+                raise SteeringError(prefix + "compare", "compare needs interventions to compare against")
             if request.stream:
-                raise SteeringError("compare", "compare is not available with stream=true; send two requests")
+                raise SteeringError(prefix + "compare", "compare is not available with stream=true; send two requests")
     except SteeringError as e:
         return error(str(e), e.field)
     return None

@@ -133,6 +133,10 @@ BAD = [
     ({"telemetry": {"sae": "relu-l1", "top_k": 0}}, "telemetry.top_k"),
     ({"telemetry": {"sae": "relu-l1", "top_k": 3}, "n": 2}, "telemetry"),
     ({"compare": True}, "compare"),
+    ({"steering": {"interventions": [sae("relu-l1", 1, "ablate")], "telemetry": {"sae": "nope"}}},
+     "steering.telemetry.sae"),
+    ({"steering": {"telemetry": {"sae": "relu-l1"}, "compare": True}}, "steering.compare"),
+    ({"steering": {"interventions": [sae("relu-l1", 1, "ablate")], "compare": "yes"}}, "steering.compare"),
     ({"compare": True, "stream": True, "steering": STEERINGS["caa"]}, "compare"),
 ]
 
@@ -170,6 +174,24 @@ def test_compare_returns_both_completions_with_one_seed(server, offline):
     again = requests.post(server.url + "/v1/chat/completions", timeout=60, json={
         "model": "tiny", "messages": CHAT, "max_tokens": 8, "temperature": 1.0, "seed": 123}).json()
     assert sampled["unsteered"]["choices"][0]["message"] == again["choices"][0]["message"], "same seed, same sample"
+
+
+def test_telemetry_and_compare_inside_the_steering_object(server, offline):
+    """DESIGN.md's shape: `telemetry` (and `compare`) inside `steering`."""
+    r = requests.post(server.url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True,
+        "return_token_ids": True,
+        "steering": {**STEERINGS["relu-add"], "telemetry": {"sae": "relu-l1", "top_k": 3}, "compare": True}})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["token_ids"] == offline["text"]["relu-add"][0]
+    assert sorted(t["token_index"] for t in choice["telemetry"]) == list(range(MAX_TOKENS))
+    assert r.json()["unsteered"]["choices"][0]["token_ids"] == offline["text"]["none"][0]
+    alone = requests.post(server.url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0.0, "ignore_eos": True,
+        "return_token_ids": True, "steering": {"telemetry": {"sae": "relu-l1", "top_k": 3}}}).json()
+    assert alone["choices"][0]["token_ids"] == offline["text"]["none"][0][:4], "telemetry alone: unsteered"
+    assert len(alone["choices"][0]["telemetry"]) == 4
 
 
 def hf_residual(artifacts, ids: list[int], layer: int) -> torch.Tensor:

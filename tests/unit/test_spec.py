@@ -57,6 +57,8 @@ BAD = [
     ("layer out of range", steer(inline(layer=3)), "steering.interventions[0].layer"),
     ("layer not steerable", steer(inline(layer=0)), "steering.interventions[0].layer"),
     ("too many interventions", steer(sae(), sae(), sae(), sae()), "steering.interventions"),
+    ("telemetry offline", steer(sae(), telemetry={"sae": "s"}), "steering.telemetry"),
+    ("compare offline", steer(sae(), compare=True), "steering.compare"),
 ]
 
 

@@ -194,6 +194,16 @@ def test_telemetry_and_compare_inside_the_steering_object(server, offline):
     assert len(alone["choices"][0]["telemetry"]) == 4
 
 
+def test_openai_client_sees_unsteered_and_telemetry(client, offline):
+    r = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0.0,
+        extra_body={"ignore_eos": True, "return_token_ids": True, "steering": {
+            **STEERINGS["caa"], "telemetry": {"sae": "jump-l2", "top_k": 2}, "compare": True}})
+    assert list(r.choices[0].token_ids) == offline["chat"]["caa"]
+    assert r.model_extra["unsteered"]["choices"][0]["token_ids"] == offline["chat"]["none"]
+    assert len(r.choices[0].model_extra["telemetry"]) == MAX_TOKENS
+
+
 def hf_residual(artifacts, ids: list[int], layer: int) -> torch.Tensor:
     """[T, d]: Hugging Face's residual stream after decoder layer `layer` (hidden_states[layer + 1])."""
     from tests.reference import _hf_model

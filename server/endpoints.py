@@ -196,8 +196,6 @@ def _check(request, st: SteeringState) -> JSONResponse | None:
         if request.compare:
             if request.steering is None:
                 raise SteeringError(prefix + "compare", "compare needs interventions to compare against")
-            if request.stream:
-                raise SteeringError(prefix + "compare", "compare is not available with stream=true; send two requests")
     except SteeringError as e:
         return error(str(e), e.field)
     return None
@@ -272,8 +270,17 @@ async def _serve(request, raw_request: Request, handler_name: str, method: str):
         request.seed = random.randrange(2**31)
     plain = request.model_copy(update={"steering": None, "compare": False, "telemetry": None,
                                        "request_id": f"{getattr(request, 'request_id', None) or uuid.uuid4().hex}-unsteered"})
-    steered, unsteered = await asyncio.gather(getattr(handler, method)(request, raw_request),
-                                              getattr(handler, method)(plain, None))
+    if request.stream:
+        plain.stream, plain.stream_options = False, None
+        unsteered_task = asyncio.ensure_future(getattr(handler, method)(plain, None))
+        steered = await getattr(handler, method)(request, raw_request)
+        if not isinstance(steered, BaseModel):  # a stream: the unsteered result follows it as a last chunk
+            return StreamingResponse(_stream_then_unsteered(_stream(steered, request.telemetry, st), unsteered_task),
+                                     media_type="text/event-stream")
+        unsteered = await unsteered_task
+    else:
+        steered, unsteered = await asyncio.gather(getattr(handler, method)(request, raw_request),
+                                                  getattr(handler, method)(plain, None))
     for result in (steered, unsteered):
         if not isinstance(result, BaseModel) or not hasattr(result, "choices"):
             return _respond(result, raw_request, None, st)
@@ -282,6 +289,23 @@ async def _serve(request, raw_request: Request, handler_name: str, method: str):
         _attach_telemetry(body["choices"][0], request.telemetry, st, final=True)
     body["unsteered"] = {"id": unsteered.id, "choices": unsteered.model_dump()["choices"]}
     return JSONResponse(content=body)
+
+
+async def _stream_then_unsteered(chunks, unsteered_task):
+    """The steered stream, then one chunk with no choices and `unsteered` (the shape of a usage chunk,
+    which OpenAI clients accept), then [DONE]."""
+    last = {}
+    async for chunk in chunks:
+        if chunk.startswith("data: [DONE]"):
+            unsteered = await unsteered_task
+            body = {k: last.get(k) for k in ("id", "object", "created", "model")}
+            body["choices"] = []
+            body["unsteered"] = ({"id": unsteered.id, "choices": unsteered.model_dump()["choices"]}
+                                 if hasattr(unsteered, "choices") else {"error": unsteered.model_dump()})
+            yield f"data: {json.dumps(body)}\n\n"
+        elif chunk.startswith("data: {"):
+            last = json.loads(chunk[6:])
+        yield chunk
 
 
 @router.post("/v1/completions", responses={400: {"description": "bad request, e.g. invalid steering"}})

@@ -137,7 +137,6 @@ BAD = [
      "steering.telemetry.sae"),
     ({"steering": {"telemetry": {"sae": "relu-l1"}, "compare": True}}, "steering.compare"),
     ({"steering": {"interventions": [sae("relu-l1", 1, "ablate")], "compare": "yes"}}, "steering.compare"),
-    ({"compare": True, "stream": True, "steering": STEERINGS["caa"]}, "compare"),
 ]
 
 
@@ -192,6 +191,21 @@ def test_telemetry_and_compare_inside_the_steering_object(server, offline):
         "return_token_ids": True, "steering": {"telemetry": {"sae": "relu-l1", "top_k": 3}}}).json()
     assert alone["choices"][0]["token_ids"] == offline["text"]["none"][0][:4], "telemetry alone: unsteered"
     assert len(alone["choices"][0]["telemetry"]) == 4
+
+
+def test_compare_streams_the_steered_text_then_the_unsteered_one(client, offline):
+    stream = client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0.0, stream=True,
+        extra_body={"ignore_eos": True, "return_token_ids": True,
+                    "steering": {**STEERINGS["mixed"], "compare": True}})
+    tokens, unsteered = [], None
+    for chunk in stream:
+        for c in chunk.choices:
+            tokens += list(c.token_ids or [])
+        if chunk.model_extra.get("unsteered"):
+            unsteered = chunk.model_extra["unsteered"]
+    assert tokens == offline["text"]["mixed"][1]
+    assert unsteered["choices"][0]["token_ids"] == offline["text"]["none"][1]
 
 
 def test_openai_client_sees_unsteered_and_telemetry(client, offline):

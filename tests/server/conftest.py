@@ -1,6 +1,7 @@
 """A real `sae-steer serve` process on 127.0.0.1 (engine core and worker in their own processes)."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -50,11 +51,17 @@ class Server:
             self.proc.kill()
 
 
+LABELS = {"3": "the third feature", "7": "feature seven"}  # Neuronpedia-style export, object form
+
+
 def serve_args(artifacts, vector_dir: Path) -> list[str]:
     args = [sys.executable, "-m", "sae_steer.cli", "serve", str(artifacts.model), "--dtype", "float32",
             "--max-model-len", "512", "--block-size", "32", "--max-num-seqs", "32", "--seed", "0",
             "--enforce-eager", "--served-model-name", "tiny", "--steering-admin-key", ADMIN_KEY, "--steering-vector-dir", str(vector_dir),
             "--steering-layers", "2"]
+    labels = vector_dir.parent / "relu-l1-labels.json"
+    labels.write_text(json.dumps(LABELS))
+    args += ["--additional-config", json.dumps({"sae_steer": {"labels": {"relu-l1": str(labels)}}})]
     for name, path in artifacts.saes.items():
         args += ["--sae", f"{name}={path}"]
     for name, path in artifacts.vectors.items():

@@ -308,6 +308,8 @@ def test_feature_route_and_sae_listing(server, artifacts):
     logits = w["lm_head.weight"] @ (w["model.norm.weight"] * d * torch.rsqrt(d.pow(2).mean() + 1e-5))
     assert [t["token_id"] for t in r["top_tokens"]] == logits.topk(5).indices.tolist()
     assert abs(r["decoder_norm"] - float(d.norm())) < 1e-5
+    assert r["label"] == "the third feature"
+    assert requests.get(server.url + "/v1/steering/saes/relu-l1/features/4", timeout=30).json()["label"] is None
     assert requests.get(server.url + "/v1/steering/saes/relu-l1/features/256", timeout=30).status_code == 404
 
 

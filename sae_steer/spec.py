@@ -22,7 +22,7 @@ class SteeringError(ValueError):
     """Invalid steering; `field` is the dotted path of the offending field."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
 
 

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import uuid
+from dataclasses import replace
 from http import HTTPStatus
 from pathlib import Path
 
@@ -80,22 +81,21 @@ class SteeringState:
 
     # ---- steering with built vectors: expanded to inline vectors, so workers need no new files ----
 
-    def expand(self, steering):
-        if not isinstance(steering, dict) or not isinstance(steering.get("interventions"), list):
-            return steering
-        out = []
-        for iv in steering["interventions"]:
-            name = iv.get("vector") if isinstance(iv, dict) and iv.get("type") == "vector" else None
-            if name in self.built and name not in self.facts.vectors:
-                rest = {k: v for k, v in iv.items() if k not in ("vector", "layer")}
-                layers = self.built[name] if iv.get("layer") is None else \
-                    {iv["layer"]: self.built[name][iv["layer"]]} if iv["layer"] in self.built[name] else {}
-                if not layers:
-                    out.append(iv)  # parse_steering reports the unknown layer
-                out += [{**rest, "layer": L, "values": v.tolist()} for L, v in sorted(layers.items())]
+    def check_steering(self, raw) -> dict:
+        """Validate against the served model and the built vectors (so errors name the user's own
+        fields), then rewrite each built vector as inline vectors, one per layer."""
+        built = {name: frozenset(layers) for name, layers in self.built.items()}
+        steering = parse_steering(raw, replace(self.facts, vectors={**self.facts.vectors, **built}))
+        out = steering.model_dump(mode="json", exclude_none=True)
+        interventions = []
+        for iv, dumped in zip(steering.interventions, out["interventions"]):
+            if getattr(iv, "vector", None) in self.built:
+                layers = self.built[iv.vector]
+                interventions += [{"type": "vector", "layer": L, "values": layers[L].tolist(), "coef": iv.coef}
+                                  for L in sorted(layers) if iv.layer in (None, L)]
             else:
-                out.append(iv)
-        return {**steering, "interventions": out}
+                interventions.append(dumped)
+        return {**out, "interventions": interventions}
 
     # ---- model pieces for the logit lens, loaded on first use in this process ----
 
@@ -180,13 +180,12 @@ def _check(request, st: SteeringState) -> JSONResponse | None:
     try:
         prefix = _hoist(request)
         if request.steering is not None:
-            request.steering = st.expand(request.steering)
-            parse_steering(request.steering, st.facts)
+            request.steering = st.check_steering(request.steering)
         if request.telemetry is not None:
             try:
                 request.telemetry = parse_telemetry(request.telemetry, st.facts)
             except SteeringError as e:
-                raise SteeringError(prefix + e.field, str(e).split(": ", 1)[1]) from None
+                raise SteeringError(prefix + e.field, e.message) from None
             if (request.n or 1) > 1 or getattr(request, "use_beam_search", False):
                 raise SteeringError(prefix + "telemetry", "telemetry needs n=1 (each choice would need its own record)")
             prompt = getattr(request, "prompt", None)
@@ -208,19 +207,19 @@ def _respond(result, raw_request: Request, telemetry: dict | None, st: SteeringS
     if isinstance(result, BaseModel):
         body = result.model_dump()
         if telemetry:
-            _attach_telemetry(body["choices"][0], telemetry, st, final=True)
+            _attach_telemetry(body["choices"][0], telemetry, st)
         return JSONResponse(content=body)
     return StreamingResponse(_stream(result, telemetry, st), media_type="text/event-stream")
 
 
 async def _stream(chunks, telemetry: dict | None, st: SteeringState):
-    sent: set[int] = set()
+    reader = observers.TelemetryReader(telemetry["id"]) if telemetry else None
     try:
         async for chunk in chunks:
-            if telemetry and chunk.startswith("data: {"):
+            if reader and chunk.startswith("data: {"):
                 body = json.loads(chunk[6:])
                 if body.get("choices"):
-                    _attach_telemetry(body["choices"][0], telemetry, st, sent=sent)
+                    body["choices"][0]["telemetry"] = _telemetry_entries(reader, telemetry, st)
                     chunk = f"data: {json.dumps(body)}\n\n"
             yield chunk
     finally:
@@ -228,31 +227,19 @@ async def _stream(chunks, telemetry: dict | None, st: SteeringState):
             observers.discard(telemetry["id"])
 
 
-def _attach_telemetry(choice: dict, telemetry: dict, st: SteeringState, final: bool = False,
-                      sent: set[int] | None = None) -> None:
-    """choice["telemetry"] = [{"token_index", "features": [{"index", "activation", "label"}]}] for the
-    tokens whose records are in (token_index 0 = the first generated token)."""
-    observer_id, sae = telemetry["id"], telemetry["sae"]
-    records = observers.read_telemetry(observer_id)
-    if not records:
-        choice["telemetry"] = []
-        return
-    first = min(records)  # the last prompt position: it produces generated token 0
-    labels = st.labels.get(sae, {})
-    out = []
-    for position in sorted(records):
-        index = position - first
-        if sent is not None and index in sent:
-            continue
-        rec = records[position]
-        out.append({"token_index": index, "features": [
-            {"index": i, "activation": a, "label": labels.get(i)}
-            for i, a in zip(rec["features"], rec["activations"]) if a > 0]})
-        if sent is not None:
-            sent.add(index)
-    choice["telemetry"] = out
-    if final:
-        observers.discard(observer_id)
+def _attach_telemetry(choice: dict, telemetry: dict, st: SteeringState) -> None:
+    """A finished request: all its records, then its files go."""
+    choice["telemetry"] = _telemetry_entries(observers.TelemetryReader(telemetry["id"]), telemetry, st)
+    observers.discard(telemetry["id"])
+
+
+def _telemetry_entries(reader: observers.TelemetryReader, telemetry: dict, st: SteeringState) -> list[dict]:
+    """[{"token_index", "features": [{"index", "activation", "label"}]}] for the records not sent yet."""
+    labels = st.labels.get(telemetry["sae"], {})
+    return [{"token_index": index, "features": [
+        {"index": i, "activation": a, "label": labels.get(i)}
+        for i, a in zip(record["features"], record["activations"]) if a > 0]}
+        for index, record in sorted(reader.new_records(), key=lambda r: r[0])]
 
 
 async def _serve(request, raw_request: Request, handler_name: str, method: str):
@@ -286,7 +273,7 @@ async def _serve(request, raw_request: Request, handler_name: str, method: str):
             return _respond(result, raw_request, None, st)
     body = steered.model_dump()
     if request.telemetry:
-        _attach_telemetry(body["choices"][0], request.telemetry, st, final=True)
+        _attach_telemetry(body["choices"][0], request.telemetry, st)
     body["unsteered"] = {"id": unsteered.id, "choices": unsteered.model_dump()["choices"]}
     return JSONResponse(content=body)
 

@@ -52,17 +52,36 @@ def record_capture(observer_id: str, layer: int, x: torch.Tensor) -> None:
 
 # ---- API side ----
 
-def read_telemetry(observer_id: str) -> dict[int, dict]:
-    """position -> record; a recomputed position (after preemption) keeps its last record."""
-    path = _file(observer_id, ".telemetry.jsonl")
-    if not path.exists():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.endswith("}"):
+class TelemetryReader:
+    """Reads one request's telemetry file incrementally, so a stream reads each record once.
+
+    `new_records()` returns (token_index, record) for positions not returned before; token_index 0
+    is the first position recorded, the last prompt position, which produces generated token 0.
+    A position recomputed after preemption is recorded again with the same values and skipped.
+    """
+
+    def __init__(self, observer_id: str):
+        self.path = _file(observer_id, ".telemetry.jsonl")
+        self.offset, self.first, self.seen = 0, None, set()
+
+    def new_records(self) -> list[tuple[int, dict]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time
+        self.offset += len(complete)
+        out = []
+        for line in complete.decode().splitlines():
             record = json.loads(line)
-            out[record["position"]] = record
-    return out
+            if self.first is None:
+                self.first = record["position"]
+            index = record["position"] - self.first
+            if index not in self.seen:
+                self.seen.add(index)
+                out.append((index, record))
+        return out
 
 
 def read_capture(observer_id: str, layer: int) -> torch.Tensor | None:

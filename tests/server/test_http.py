@@ -280,6 +280,13 @@ def test_caa_vector_built_over_http_equals_the_hugging_face_mean_difference(serv
     assert {"granted", "calm"} <= {v["name"] for v in listed}
     steered = complete(client, PROMPTS[2], {"interventions": [{"type": "vector", "vector": "granted", "coef": 2.0}]})
     assert steered != complete(client, PROMPTS[2], None), "steering with the built vector changes the output"
+    # Errors name the user's own fields, though the two-layer built vector reaches the engine as two inline ones.
+    for ivs, field in (([{"type": "vector", "vector": "granted"}, sae("relu-l1", 999, "ablate")],
+                        "steering.interventions[1].feature"),
+                       ([{"type": "vector", "vector": "granted", "layer": 3}], "steering.interventions[0].layer")):
+        r = requests.post(server.url + "/v1/completions", timeout=30,
+                          json={"model": "tiny", "prompt": "x", "max_tokens": 2, "steering": {"interventions": ivs}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     assert requests.delete(server.url + "/v1/steering/vectors/granted", headers=headers, timeout=30).status_code == 200
     r = requests.post(server.url + "/v1/completions", timeout=30, json={
         "model": "tiny", "prompt": "x", "max_tokens": 2,

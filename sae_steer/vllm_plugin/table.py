@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sae_steer.kernels.sparse_steer import HAS_TRITON, activation
 from sae_steer.sae import SparseAutoencoder
 from sae_steer.vllm_plugin import observers
 from sae_steer.spec import SaeIntervention, Steering
@@ -73,8 +74,7 @@ class LayerDictionary:
         """x [T, d] fp32, feats [T, n] -> (f [T, n], uniq [U], inv [T, n]) with feats = uniq[inv]."""
         uniq, inv = torch.unique(feats, return_inverse=True)
         dot = (x @ self.enc[uniq].T).gather(1, inv)  # [T, n]: one matmul over distinct features
-        gate_pre = dot + self.gate_bias[feats]
-        f = (gate_pre > self.threshold[feats]) * torch.relu(self.mag_scale[feats] * dot + self.mag_bias[feats])
+        f = activation(dot, feats, self.gate_bias, self.threshold, self.mag_scale, self.mag_bias)
         for name, off, sae in self.topk:
             if name in topk_live:  # TopK membership needs every pre-activation of that SAE
                 local = feats - off
@@ -129,7 +129,6 @@ class SteeringTable:
         self.topk_live: list[set[str]] = [set() for _ in self.layers]
         # On CUDA the per-layer work is one fused Triton launch (sae_steer.kernels.sparse_steer); the torch
         # path below is the same math and serves CPU (and TopK SAEs, which need a full-width encode).
-        from sae_steer.kernels import HAS_TRITON
         self.fused = HAS_TRITON and torch.device(device).type == "cuda"
 
     # ---- bookkeeping: called from the logits processor's update_state, before the forward ----

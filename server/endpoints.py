@@ -200,15 +200,19 @@ def _check(request, st: SteeringState) -> JSONResponse | None:
     return None
 
 
-def _respond(result, raw_request: Request, telemetry: dict | None, st: SteeringState):
+def _body(response: BaseModel, telemetry: dict | None, st: SteeringState) -> dict:
+    body = response.model_dump()
+    if telemetry:
+        _attach_telemetry(body["choices"][0], telemetry, st)
+    return body
+
+
+def _respond(result, telemetry: dict | None, st: SteeringState):
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
     if isinstance(result, ErrorResponse):
         return JSONResponse(content=result.model_dump(), status_code=result.error.code)
     if isinstance(result, BaseModel):
-        body = result.model_dump()
-        if telemetry:
-            _attach_telemetry(body["choices"][0], telemetry, st)
-        return JSONResponse(content=body)
+        return JSONResponse(content=_body(result, telemetry, st))
     return StreamingResponse(_stream(result, telemetry, st), media_type="text/event-stream")
 
 
@@ -251,7 +255,7 @@ async def _serve(request, raw_request: Request, handler_name: str, method: str):
     if handler is None:
         return error("this model does not support this API", status=HTTPStatus.NOT_FOUND)
     if not request.compare:
-        return _respond(await getattr(handler, method)(request, raw_request), raw_request, request.telemetry, st)
+        return _respond(await getattr(handler, method)(request, raw_request), request.telemetry, st)
     # compare: the same request twice, one without steering, with one shared seed.
     if request.seed is None:
         request.seed = random.randrange(2**31)
@@ -270,10 +274,8 @@ async def _serve(request, raw_request: Request, handler_name: str, method: str):
                                                   getattr(handler, method)(plain, None))
     for result in (steered, unsteered):
         if not isinstance(result, BaseModel) or not hasattr(result, "choices"):
-            return _respond(result, raw_request, None, st)
-    body = steered.model_dump()
-    if request.telemetry:
-        _attach_telemetry(body["choices"][0], request.telemetry, st)
+            return _respond(result, None, st)
+    body = _body(steered, request.telemetry, st)
     body["unsteered"] = {"id": unsteered.id, "choices": unsteered.model_dump()["choices"]}
     return JSONResponse(content=body)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sae_steer.formats._common import (build_sae, facts, open_safetensors, resolve_layer,
+from sae_steer.formats._common import (build_sae, facts, open_safetensors, require_file, resolve_layer,
                                        safetensors_tensors)
 from sae_steer.sae import SparseAutoencoder
 from sae_steer.spec import SaeFacts
@@ -34,9 +34,7 @@ def _sae_file(path: str | Path) -> Path:
 
 
 def _open(path: Path, kind: str):
-    if not path.is_file():
-        raise FileNotFoundError(f"{kind} file {str(path)!r} does not exist")
-    return open_safetensors(path)
+    return open_safetensors(require_file(path, f"{kind} file"))
 
 
 def _metadata(f, path: Path, kind: str) -> dict:

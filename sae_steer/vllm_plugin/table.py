@@ -2,8 +2,9 @@
 
 Layout (the style of vLLM's builtin logits processors: fixed tensors, updated from BatchUpdate):
 
-    row_slot        [max_rows]      persistent-batch row -> steering slot (0 = no steering)
-    row_prompt_len  [max_rows]      for positions = prompt | generated
+    token_row       [max_tokens]    this step's token -> persistent-batch row (prepare_step); padding -> pad row
+    row_slot        [max_rows + 1]  persistent-batch row -> steering slot (0 = no steering; the pad row's is 0)
+    row_prompt_len  [max_rows + 1]  for positions = prompt | generated
     slot_positions  [n_slots]       0 all, 1 prompt, 2 generated
     per steerable layer (index li), per slot s, up to E edits e:
       edit_feature  [L, n_slots, E] feature in the layer's packed dictionary (pad: the null feature)
@@ -22,8 +23,10 @@ b_dec folded into per-feature biases, so one gather serves every SAE and archite
     mag_pre  = s_i dot + (b_mag_i - s_i b_dec . W_enc[:, i])      s_i = exp(r_mag_i) (gated) else 1
     f_i      = (gate_pre > threshold_i) * relu(mag_pre)           (TopK: taken from a full encode)
 
-`apply` has no Python loop over requests or tokens: the token -> row map comes from the
-step's query_start_loc, and work grows with the distinct edited features in the batch.
+`apply` has no Python loop over requests or tokens: the token -> row map is written by
+`prepare_step` from the step's query_start_loc (the plugin's own copy of what vLLM hands every
+attention backend, so no backend's metadata is read), and work grows with the distinct edited
+features in the batch.
 """
 from __future__ import annotations
 
@@ -94,8 +97,8 @@ class _SlotInfo:
 
 
 class SteeringTable:
-    def __init__(self, registry: Registry, steerable_layers: list[int], max_rows: int, max_edits: int,
-                 d_model: int, device: torch.device):
+    def __init__(self, registry: Registry, steerable_layers: list[int], max_rows: int, max_tokens: int,
+                 max_edits: int, d_model: int, device: torch.device, graph_safe: bool = False):
         self.registry = registry
         self.layers = sorted(steerable_layers)
         self.layer_index = {L: i for i, L in enumerate(self.layers)}
@@ -104,8 +107,12 @@ class SteeringTable:
         n_layers, n_slots, self.max_edits = len(self.layers), max_rows + 1, max_edits
         i64 = dict(dtype=torch.int64, device=device)
         f32 = dict(dtype=torch.float32, device=device)
-        self.row_slot = torch.zeros(max_rows, **i64)
-        self.row_prompt_len = torch.zeros(max_rows, **i64)
+        # Row max_rows is the pad row: the tokens a captured batch size adds past the step's real ones map
+        # to it, and its slot stays 0 (no steering) because no request is ever added there.
+        self.pad_row = max_rows
+        self.token_row = torch.full((max_tokens,), self.pad_row, **i64)
+        self.row_slot = torch.zeros(max_rows + 1, **i64)
+        self.row_prompt_len = torch.zeros(max_rows + 1, **i64)
         self.slot_positions = torch.zeros(n_slots, **i64)
         self.edit_feature = torch.zeros(n_layers, n_slots, max_edits, **i64)
         self.edit_mul = torch.zeros(n_layers, n_slots, max_edits, **f32)
@@ -117,8 +124,9 @@ class SteeringTable:
             self.edit_feature[li].fill_(dictionary.null)
             self.gate_feature[li].fill_(dictionary.null)
         # Host-side mirrors: the bookkeeping is Python (once per batch change), the hot path is not.
-        self._row_slot = [0] * max_rows
-        self._row_prompt_len = [0] * max_rows
+        self._row_slot = [0] * (max_rows + 1)
+        self._row_prompt_len = [0] * (max_rows + 1)
+        self._bounds: list[int] = [0]  # this step's query_start_loc, for telemetry / capture
         self._row_observe: list[dict | None] = [None] * max_rows  # telemetry / capture (see observers.py)
         self.observed_layers: set[int] = set()
         self._slots: dict[int, _SlotInfo] = {}
@@ -227,27 +235,34 @@ class SteeringTable:
                 self.observed_layers.add(self.registry.saes[observe["telemetry"]["sae"]].layer)
             self.observed_layers.update(observe.get("capture", {}).get("layers", ()))
 
+    def prepare_step(self, query_start_loc: torch.Tensor) -> None:
+        """query_start_loc: CPU ints [n_rows + 1], row i's tokens are [qsl[i], qsl[i+1]). Called on the host
+        before every forward, outside any captured graph: rewrites token_row in place (same address), so
+        a replayed graph reads this step's map. Tokens past qsl[-1] (padding) map to the pad row."""
+        bounds = query_start_loc.tolist()
+        counts = torch.tensor(bounds).diff()
+        token_row = torch.full((self.token_row.shape[0],), self.pad_row, dtype=torch.int64)
+        token_row[:bounds[-1]] = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        self.token_row.copy_(token_row, non_blocking=True)  # from pageable memory: reusable on return
+        self._bounds = bounds
+
     # ---- the hot path: one call per steerable layer per forward step ----
 
-    def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
-              query_start_loc: torch.Tensor) -> torch.Tensor:
-        """hidden, residual [T, d] (the residual stream is their sum) -> hidden with every row's steering added."""
-        out = self._steer(layer, hidden, residual, positions, query_start_loc)
+    def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """hidden, residual [T, d] (the residual stream is their sum) -> hidden with every row's steering added.
+        T may include padding past the step's tokens (prepare_step maps it to no steering)."""
+        out = self._steer(layer, hidden, residual, positions)
         if layer in self.observed_layers:
-            self._observe(layer, hidden, residual, out, positions, query_start_loc)
+            self._observe(layer, hidden, residual, out, positions)
         return out
 
-    def _steer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor,
-               query_start_loc: torch.Tensor) -> torch.Tensor:
+    def _steer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         li = self.layer_index[layer]
-        T, n_rows = hidden.shape[0], query_start_loc.shape[0] - 1
-        if not self.layer_live[li] or n_rows == 0:
+        T = hidden.shape[0]
+        if not self.layer_live[li]:
             return hidden.clone()
-        token = torch.arange(T, device=hidden.device)
-        rows = torch.searchsorted(query_start_loc[1:], token, right=True)  # [T]; >= n_rows: padding
-        real = rows < n_rows
-        rows = rows.clamp(max=n_rows - 1)
-        slot = torch.where(real, self.row_slot[rows], 0)  # [T]
+        rows = self.token_row[:T]
+        slot = self.row_slot[rows]  # [T]
         mode, plen = self.slot_positions[slot], self.row_prompt_len[rows]
         edited = (slot != 0) & ((mode == 0) | ((mode == 1) & (positions < plen)) | ((mode == 2) & (positions >= plen)))
 
@@ -276,9 +291,9 @@ class SteeringTable:
                                    d.enc, d.dec, d.gate_bias, d.threshold, d.mag_scale, d.mag_bias)
 
     def _observe(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, steered: torch.Tensor,
-                 positions: torch.Tensor, query_start_loc: torch.Tensor) -> None:
+                 positions: torch.Tensor) -> None:
         """Telemetry and capture for the rows that asked (a Python loop over those rows only)."""
-        bounds = query_start_loc.tolist()
+        bounds = self._bounds
         for row in range(len(bounds) - 1):
             observe = self._row_observe[row]
             if not observe:

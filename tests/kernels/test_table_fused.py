@@ -8,7 +8,7 @@ import torch
 
 from sae_steer.registry import Registry
 from sae_steer.vllm_plugin.table import SteeringTable
-from tests.unit.test_table import D, LAYERS, ROWS, random_steering, registry
+from tests.unit.test_table import D, LAYERS, MAX_TOKENS, ROWS, random_steering, registry
 
 RTOL, ATOL = 1e-5, 1e-4  # fp32, different summation order (see kernel_cases.py)
 
@@ -17,7 +17,8 @@ def test_fused_table_path_equals_the_torch_path():
     rng = random.Random(1)
     reg = registry()
     reg = Registry(saes={n: s for n, s in reg.saes.items() if s.architecture != "topk"}, vectors=reg.vectors)
-    table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_edits=8, d_model=D, device=torch.device("cpu"))
+    table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=8, d_model=D,
+                          device=torch.device("cpu"))
     steerings = []
     while len([s for s in steerings if s is not None]) < 5:
         s = random_steering(rng)
@@ -29,12 +30,13 @@ def test_fused_table_path_equals_the_torch_path():
     qsl = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
     positions = torch.cat([torch.arange(3 + r, 3 + r + n) for r, n in enumerate(lens)])
     hidden, residual = torch.randn(int(qsl[-1]), D), torch.randn(int(qsl[-1]), D)
+    table.prepare_step(qsl)
     checked = 0
     for layer in LAYERS:
         table.fused = False
-        expected = table.apply(layer, hidden, residual, positions, qsl)
+        expected = table.apply(layer, hidden, residual, positions)
         table.fused = True
-        got = table.apply(layer, hidden, residual, positions, qsl)
+        got = table.apply(layer, hidden, residual, positions)
         torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
         checked += int((expected != hidden).any())
     assert checked >= 2, "the random steerings should edit at least two layers"

@@ -13,6 +13,7 @@ from sae_steer.tiny_model import random_sae
 from sae_steer.vllm_plugin.table import SteeringTable
 
 D, F, ROWS, LAYERS = 32, 48, 8, [0, 1, 2]
+MAX_TOKENS = 64  # 8 rows x up to 7 tokens + up to 3 padding tokens
 ATOL = 1e-4  # float32, different summation order than the reference
 
 
@@ -49,7 +50,8 @@ def random_steering(rng: random.Random) -> Steering | None:
 
 def test_table_matches_reference_over_a_random_batch_history():
     rng, reg = random.Random(0), registry()
-    table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_edits=8, d_model=D, device=torch.device("cpu"))
+    table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=8, d_model=D,
+                          device=torch.device("cpu"))
     rows: list[tuple[Steering | None, int] | None] = [None] * ROWS  # the test's own model of the batch
     for step in range(40):
         removed = [r for r in range(ROWS) if rows[r] is not None and rng.random() < 0.2]
@@ -85,8 +87,9 @@ def test_table_matches_reference_over_a_random_batch_history():
         pad = rng.randint(0, 3)  # padded tokens past the last row (as with CUDA-graph padding)
         positions = torch.cat([positions, torch.zeros(pad, dtype=torch.long)])
         hidden, residual = torch.randn(T + pad, D), torch.randn(T + pad, D)
+        table.prepare_step(qsl)
         for layer in LAYERS:
-            out = table.apply(layer, hidden, residual, positions, qsl)
+            out = table.apply(layer, hidden, residual, positions)
             for i, r in enumerate(live):
                 steering, prompt_len = rows[r]
                 seg = slice(int(qsl[i]), int(qsl[i + 1]))
@@ -102,7 +105,8 @@ def test_table_matches_reference_over_a_random_batch_history():
 
 def test_slots_are_shared_by_fingerprint_and_released():
     reg = registry()
-    table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_edits=8, d_model=D, device=torch.device("cpu"))
+    table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=8, d_model=D,
+                          device=torch.device("cpu"))
     s = Steering.model_validate({"interventions": [{"type": "vector", "vector": "v", "coef": 1.0}]})
     t = Steering.model_validate({"interventions": [{"type": "vector", "vector": "v", "coef": 2.0}]})
     table.update([(0, s, 3), (1, s, 4), (2, t, 5), (3, None, 2)], [], [])

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from .sparse_steer import HAS_TRITON, activation, sparse_steer_reference, sparse_steer_triton
+from .sparse_steer import HAS_TRITON, TopkSegment, activation, sparse_steer_reference, sparse_steer_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .sparse_steer import _activation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,12 +113,11 @@ if HAS_TRITON:
                         mask=(cols < n)[None, :] & (kk < d)[:, None], other=0.0)  # [BLOCK_K, BLOCK_F]
             acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
 
-        # fused activation on the accumulator; masked features load index lo (any valid row) and are not stored
+        # fused activation on the accumulator (the sparse kernel's, one home); masked features load index lo
+        # (any valid row) and are not stored
         f_mask = cols < n
         feat = tl.where(f_mask, feat, lo)
-        gate_pre = acc + tl.load(gate_bias_ptr + feat)[None, :]
-        mag = tl.load(mag_scale_ptr + feat)[None, :] * acc + tl.load(mag_bias_ptr + feat)[None, :]
-        f = tl.where(gate_pre > tl.load(threshold_ptr + feat)[None, :], tl.maximum(mag, 0.0), 0.0)
+        f = _activation(acc, feat[None, :], gate_bias_ptr, threshold_ptr, mag_scale_ptr, mag_bias_ptr)
         tl.store(acts_ptr + rows[:, None] * stride_a + cols[None, :], f, mask=(rows < T)[:, None] & f_mask[None, :])
 
 
@@ -153,8 +154,30 @@ def full_steer_triton(hidden, residual, token_slot, edit_feature, edit_mul, edit
 
 
 # ---------------------------------------------------------------------------------------------
-# dispatcher
+# dispatchers
 # ---------------------------------------------------------------------------------------------
+
+def encode(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, lo: int, hi: int) -> torch.Tensor:
+    """-> acts [T, hi - lo] fp32 of packed features [lo, hi): Triton on CUDA, torch otherwise."""
+    fn = encode_triton if HAS_TRITON and hidden.is_cuda else encode_reference
+    return fn(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, lo, hi)
+
+
+def topk_segment(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias,
+                 saes: list[tuple[int, int, int]], lo: int, hi: int) -> TopkSegment:
+    """The live features of TopK SAEs packed side by side in [lo, hi), for `sparse_steer`'s topk_segment.
+
+    saes: (lo_i, hi_i, k_i) of each SAE to encode, inside [lo, hi). Each is encoded in full and keeps its k_i
+    largest activations; the lists are concatenated, indices local to lo. Features of [lo, hi) outside every
+    listed SAE read as 0, so an SAE that no edit names may be left out. Shapes follow (T, sum k_i) only:
+    no host sync, capturable in a CUDA graph."""
+    indices, values = [], []
+    for a, b, k in saes:
+        top = encode(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, a, b).topk(k, dim=1)
+        indices.append(top.indices + (a - lo))
+        values.append(top.values)
+    return lo, hi, torch.cat(indices, 1), torch.cat(values, 1)
+
 
 def full_steer(hidden, residual, token_slot, edit_feature, edit_mul, edit_add, gate_feature, gate_above, vector,
                enc, dec, gate_bias, threshold, mag_scale, mag_bias, *, lo: int, hi: int, k: int | None = None,

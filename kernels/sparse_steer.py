@@ -1,6 +1,7 @@
 """Sparse steering: encode only the edited features, edit them, add the decode delta. One launch per layer.
 
-The math (the same as `sae_steer.vllm_plugin.table`, whose packed layout these arguments are):
+The math (the arguments are `sae_steer.vllm_plugin.table`'s packed layout; the activation's packed form is
+derived in `sae_steer.sae`, SparseAutoencoder.packed):
 
     x        = hidden + residual                       [T, d]   the residual stream, in fp32
     s        = token_slot[t]                           0 = no steering (hidden passes through)
@@ -15,7 +16,9 @@ and gate_above = -inf means "no `when`". TopK features cannot be encoded sparsel
 needs every pre-activation): `full_steer` encodes their SAE fully and passes the token's top-k
 list here as `topk_segment`, which replaces f for the features of that SAE.
 
-Three pieces, top to bottom: the torch reference, the Triton kernel, the dispatcher.
+Top to bottom: the torch reference (fixed shapes, the math written plainly), the CPU fast path (one
+matmul over the distinct features), the Triton kernel, the dispatcher. Both fast paths are tested
+against the reference (tests/kernels/test_sparse_steer.py).
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ try:
 except ImportError:  # CPU-only installs: the torch reference serves every call
     HAS_TRITON = False
 
-# (lo, hi, indices [T, K] local to the segment, values [T, K]): the live features of a TopK SAE
-# occupying packed features [lo, hi); any feature of the segment not in a token's list has f = 0.
+# (lo, hi, indices [T, K] local to the segment, values [T, K]): the live features of the TopK SAE(s)
+# packed at features [lo, hi) (several TopK SAEs side by side: their lists concatenated, see
+# full_steer.topk_segment); any feature of the segment not in a token's list has f = 0.
 TopkSegment = tuple[int, int, torch.Tensor, torch.Tensor]
 
 
@@ -52,23 +56,52 @@ def topk_lookup(f: torch.Tensor, feats: torch.Tensor, segment: TopkSegment) -> t
     return torch.where((feats >= lo) & (feats < hi), f_seg, f)
 
 
+def edit_change(dot, feats, token_slot, edit_mul, edit_add, gate_above, gate_bias, threshold, mag_scale, mag_bias,
+                topk_segment: TopkSegment | None) -> torch.Tensor:
+    """dot [T, 2E] = x . enc[feats] of each token's edits then gates -> change [T, E] = f' - f, 0 where the
+    `when` gate is closed."""
+    E = dot.shape[1] // 2
+    f = activation(dot, feats, gate_bias, threshold, mag_scale, mag_bias)
+    if topk_segment is not None:
+        f = topk_lookup(f, feats, topk_segment)
+    f_edit, f_gate = f[:, :E], f[:, E:]
+    return (edit_mul[token_slot] * f_edit + edit_add[token_slot]) * (f_gate > gate_above[token_slot])
+
+
 def sparse_steer_reference(hidden, residual, token_slot, edit_feature, edit_mul, edit_add, gate_feature,
                            gate_above, vector, enc, dec, gate_bias, threshold, mag_scale, mag_bias,
                            topk_segment: TopkSegment | None = None) -> torch.Tensor:
-    """Plain torch, batched like the table's hot path (one matmul over the distinct features)."""
+    """The math above, token by token as the kernel does it (each token gathers its slot's encoder and decoder
+    rows). Every shape follows the inputs' shapes, never their values: it can be compiled with
+    torch.compile(fullgraph=True) and captured in a CUDA graph, which makes it the graph-safe path where
+    Triton is missing. Memory [T, 2E, d]: a test and fallback path, not the CPU hot path."""
+    x = hidden.float() + residual.float()  # [T, d]
+    E = edit_feature.shape[1]
+    feats = torch.cat([edit_feature[token_slot], gate_feature[token_slot]], 1)  # [T, 2E]: edits, then gates
+    dot = torch.einsum("td,tnd->tn", x, enc[feats])  # [T, 2E]
+    change = edit_change(dot, feats, token_slot, edit_mul, edit_add, gate_above, gate_bias, threshold, mag_scale,
+                         mag_bias, topk_segment)  # [T, E]
+    delta = torch.einsum("te,ted->td", change, dec[feats[:, :E]]) + vector[token_slot]  # [T, d]
+    steered = (hidden.float() + delta).to(hidden.dtype)  # one rounding, as the kernel does
+    return torch.where((token_slot != 0)[:, None], steered, hidden)
+
+
+def sparse_steer_distinct(hidden, residual, token_slot, edit_feature, edit_mul, edit_add, gate_feature,
+                          gate_above, vector, enc, dec, gate_bias, threshold, mag_scale, mag_bias,
+                          topk_segment: TopkSegment | None = None) -> torch.Tensor:
+    """The CPU fast path: the same math with one matmul over the batch's distinct features (requests sharing
+    a feature share its encoder row), in place of per-token gathers. torch.unique makes the shapes depend
+    on the values: eager only (SteeringTable with graph_safe=False)."""
     x = hidden.float() + residual.float()  # [T, d]
     E = edit_feature.shape[1]
     feats = torch.cat([edit_feature[token_slot], gate_feature[token_slot]], 1)  # [T, 2E]: edits, then gates
     uniq, inv = torch.unique(feats, return_inverse=True)  # feats = uniq[inv]
     dot = (x @ enc[uniq].T).gather(1, inv)  # [T, 2E]
-    f = activation(dot, feats, gate_bias, threshold, mag_scale, mag_bias)
-    if topk_segment is not None:
-        f = topk_lookup(f, feats, topk_segment)
-    f_edit, f_gate = f[:, :E], f[:, E:]
-    change = (edit_mul[token_slot] * f_edit + edit_add[token_slot]) * (f_gate > gate_above[token_slot])  # [T, E]
+    change = edit_change(dot, feats, token_slot, edit_mul, edit_add, gate_above, gate_bias, threshold, mag_scale,
+                         mag_bias, topk_segment)  # [T, E]
     coef = torch.zeros(x.shape[0], uniq.shape[0], device=x.device).scatter_add_(1, inv[:, :E], change)  # [T, U]
     delta = coef @ dec[uniq] + vector[token_slot]  # [T, d]
-    steered = (hidden.float() + delta).to(hidden.dtype)  # one rounding, as the kernel does
+    steered = (hidden.float() + delta).to(hidden.dtype)
     return torch.where((token_slot != 0)[:, None], steered, hidden)
 
 
@@ -211,13 +244,17 @@ def sparse_steer_triton(hidden, residual, token_slot, edit_feature, edit_mul, ed
 
 def sparse_steer(hidden, residual, token_slot, edit_feature, edit_mul, edit_add, gate_feature, gate_above,
                  vector, enc, dec, gate_bias, threshold, mag_scale, mag_bias,
-                 topk_segment: TopkSegment | None = None) -> torch.Tensor:
-    """hidden [T, d] -> hidden with each token's slot steering added: Triton on CUDA, torch otherwise.
+                 topk_segment: TopkSegment | None = None, fixed_shapes: bool = False) -> torch.Tensor:
+    """hidden [T, d] -> hidden with each token's slot steering added: Triton on CUDA; elsewhere the
+    distinct-features path, or the reference when fixed_shapes (compiled / captured graphs) asks.
 
     token_slot [T] int64; edit_feature, gate_feature [S, E] int64 (pad: null feature F);
     edit_mul (a - 1), edit_add (b), gate_above (-inf: no gate) [S, E] f32; vector [S, d] f32;
     enc, dec [F+1, d] f32; gate_bias, threshold, mag_scale, mag_bias [F+1] f32.
     """
-    fn = sparse_steer_triton if HAS_TRITON and hidden.is_cuda else sparse_steer_reference
+    if HAS_TRITON and hidden.is_cuda:
+        fn = sparse_steer_triton
+    else:
+        fn = sparse_steer_reference if fixed_shapes else sparse_steer_distinct
     return fn(hidden, residual, token_slot, edit_feature, edit_mul, edit_add, gate_feature, gate_above, vector,
               enc, dec, gate_bias, threshold, mag_scale, mag_bias, topk_segment)

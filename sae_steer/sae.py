@@ -25,6 +25,17 @@ the reconstruction only; their encoder does not see the token (tdooms/tokenized-
 
 Everything here is plain torch and written for clarity: it is the reference every fast
 path (the batched steering table, the Triton kernels) is tested against.
+
+The fast paths evaluate every architecture with one formula over per-feature parameters, with
+b_dec folded into the biases (`packed`, the one place where that folding is written):
+
+    dot = x . W_enc[:, i]
+    f_i = (dot + gate_bias_i > threshold_i) * relu(mag_scale_i dot + mag_bias_i)     (TopK: then its top k)
+
+    gate_bias = b_enc - b_dec . W_enc[:, i]    mag_scale = exp(r_mag) (gated) else 1
+    mag_bias  = (b_mag if gated else b_enc) - mag_scale b_dec . W_enc[:, i]
+    threshold = threshold (jumprelu) else 0
+(relu: (pre > 0) relu(pre) = relu(pre); gated: the gate and the magnitude share W_enc's direction.)
 """
 from __future__ import annotations
 
@@ -150,6 +161,18 @@ class SparseAutoencoder:
         delta = change @ self.W_dec[features]
         c = self.norm_coeff(x)
         return delta if c is None else delta / c
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (enc [d_sae, d_model], gate_bias, threshold, mag_scale, mag_bias [d_sae]): the packed form of
+        the module docstring, which sae_steer.kernels evaluates for every architecture."""
+        if self.normalize_activations != "none":  # a per-token scale of x: not a per-feature constant
+            raise ValueError("the packed form has no per-token input scale (constant_norm_rescale)")
+        b_dec_dot = self.b_dec @ self.W_enc if self.apply_b_dec_to_input else torch.zeros_like(self.b_enc)
+        gated = self.architecture == "gated"
+        mag_scale = torch.exp(self.r_mag) if gated else torch.ones_like(self.b_enc)
+        threshold = self.threshold if self.architecture == "jumprelu" else torch.zeros_like(self.b_enc)
+        mag_bias = (self.b_mag if gated else self.b_enc) - mag_scale * b_dec_dot
+        return self.W_enc.T, self.b_enc - b_dec_dot, threshold, mag_scale, mag_bias
 
     def _activate(self, sae_in: torch.Tensor, idx) -> torch.Tensor:
         W = self.W_enc[:, idx]  # [d_model, n]

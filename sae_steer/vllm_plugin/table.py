@@ -16,17 +16,27 @@ Layout (the style of vLLM's builtin logits processors: fixed tensors, updated fr
 
 Requests with identical steering share a slot (refcounted by fingerprint), so 256 requests
 with one config cost one slot. All SAEs at a layer are packed into one feature space with
-b_dec folded into per-feature biases, so one gather serves every SAE and architecture:
-
-    dot      = x . W_enc[:, i]
-    gate_pre = dot + (b_enc_i - b_dec . W_enc[:, i])
-    mag_pre  = s_i dot + (b_mag_i - s_i b_dec . W_enc[:, i])      s_i = exp(r_mag_i) (gated) else 1
-    f_i      = (gate_pre > threshold_i) * relu(mag_pre)           (TopK: taken from a full encode)
+b_dec folded into per-feature biases (SparseAutoencoder.packed), so one gather serves every
+SAE and architecture; TopK SAEs are packed last, side by side, and their members come from a
+full encode (sae_steer.kernels.full_steer.topk_segment).
 
 `apply` has no Python loop over requests or tokens: the token -> row map is written by
 `prepare_step` from the step's query_start_loc (the plugin's own copy of what vLLM hands every
-attention backend, so no backend's metadata is read), and work grows with the distinct edited
-features in the batch.
+attention backend, so no backend's metadata is read). The math is the kernels' (sparse_steer):
+the Triton kernel on CUDA, torch elsewhere. Two ways to run it:
+
+    graph_safe=False  eager: layers no live slot touches are skipped, the edit tables are cut to the
+                      widest live slot (edits_in_use), TopK SAEs are encoded only when a live slot
+                      edits them, and the CPU path multiplies by the batch's distinct features only.
+    graph_safe=True   capturable in a full CUDA graph: every per-step input is a fixed-address buffer
+                      updated in place by update() / prepare_step() on the host before the forward,
+                      and apply() decides nothing from them: always the full table width, every TopK
+                      SAE of the layer encoded, no host reads. A branch frozen at capture time, when
+                      nothing was steered, would otherwise drop later steering silently.
+
+Telemetry and capture (observers.py) read results on the host: they run only where apply()'s Python
+body runs (eager, or the op as a graph split point), never inside a graph being captured;
+`observing` tells the caller that a step needs them.
 """
 from __future__ import annotations
 
@@ -34,38 +44,37 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_steer.kernels.sparse_steer import HAS_TRITON, activation
-from sae_steer.sae import SparseAutoencoder
-from sae_steer.vllm_plugin import observers
-from sae_steer.spec import SaeIntervention, Steering
+from sae_steer.kernels.full_steer import topk_segment
+from sae_steer.kernels.sparse_steer import HAS_TRITON, sparse_steer, sparse_steer_triton
 from sae_steer.registry import Registry
+from sae_steer.sae import SparseAutoencoder
+from sae_steer.spec import SaeIntervention, Steering
+from sae_steer.vllm_plugin import observers
 
 POSITION_MODES = {"all": 0, "prompt": 1, "generated": 2}
 
 
 class LayerDictionary:
-    """Every SAE registered at one layer, packed as one feature space plus a null feature."""
+    """Every SAE registered at one layer, packed as one feature space plus a null feature (index `null`,
+    zero rows and parameters, so f = 0: the padding of edit tables). TopK SAEs come last, side by side
+    in [topk_lo, null), so a single TopK segment of the sparse kernel covers all of them."""
 
     def __init__(self, saes: dict[str, SparseAutoencoder], d_model: int, device: torch.device):
         self.offset: dict[str, int] = {}
-        self.topk: list[tuple[str, int, SparseAutoencoder]] = []
-        enc, gate_bias, threshold, mag_scale, mag_bias, dec = [], [], [], [], [], []
+        self.topk: list[tuple[str, int, int, int]] = []  # (name, lo, hi, k) of each TopK SAE
+        packed = []
         n = 0
-        for name, sae in saes.items():
+        for name, sae in sorted(saes.items(), key=lambda item: item[1].architecture == "topk"):  # stable
             self.offset[name] = n
-            n += sae.d_sae
             if sae.architecture == "topk":
-                self.topk.append((name, self.offset[name], sae))
-            b_dec_dot = sae.b_dec @ sae.W_enc if sae.apply_b_dec_to_input else torch.zeros_like(sae.b_enc)
-            scale = torch.exp(sae.r_mag) if sae.architecture == "gated" else torch.ones_like(sae.b_enc)
-            enc.append(sae.W_enc.T)
-            gate_bias.append(sae.b_enc - b_dec_dot)
-            threshold.append(sae.threshold if sae.architecture == "jumprelu" else torch.zeros_like(sae.b_enc))
-            mag_scale.append(scale)
-            mag_bias.append((sae.b_mag if sae.architecture == "gated" else sae.b_enc) - scale * b_dec_dot)
-            dec.append(sae.W_dec)
+                self.topk.append((name, n, n + sae.d_sae, sae.k))
+            packed.append((*sae.packed(), sae.W_dec))
+            n += sae.d_sae
         self.null = n
+        self.topk_lo = self.topk[0][1] if self.topk else n
         zero_row, zero = torch.zeros(1, d_model, device=device), torch.zeros(1, device=device)
+        enc, gate_bias, threshold, mag_scale, mag_bias, dec = (list(part) for part in zip(*packed)) if packed \
+            else ([] for _ in range(6))
         self.enc = torch.cat(enc + [zero_row]).contiguous()  # [F+1, d]
         self.dec = torch.cat(dec + [zero_row]).contiguous()  # [F+1, d]
         self.gate_bias = torch.cat(gate_bias + [zero])  # [F+1]
@@ -73,18 +82,10 @@ class LayerDictionary:
         self.mag_scale = torch.cat(mag_scale + [zero])
         self.mag_bias = torch.cat(mag_bias + [zero])
 
-    def activations(self, x: torch.Tensor, feats: torch.Tensor, topk_live: set[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, d] fp32, feats [T, n] -> (f [T, n], uniq [U], inv [T, n]) with feats = uniq[inv]."""
-        uniq, inv = torch.unique(feats, return_inverse=True)
-        dot = (x @ self.enc[uniq].T).gather(1, inv)  # [T, n]: one matmul over distinct features
-        f = activation(dot, feats, self.gate_bias, self.threshold, self.mag_scale, self.mag_bias)
-        for name, off, sae in self.topk:
-            if name in topk_live:  # TopK membership needs every pre-activation of that SAE
-                local = feats - off
-                inside = (local >= 0) & (local < sae.d_sae)
-                full = sae.encode(x)  # [T, d_sae]
-                f = torch.where(inside, full.gather(1, local.clamp(0, sae.d_sae - 1)), f)
-        return f, uniq, inv
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        """The activation's packed parameters, in the kernels' argument order."""
+        return self.gate_bias, self.threshold, self.mag_scale, self.mag_bias
 
 
 @dataclass
@@ -135,8 +136,8 @@ class SteeringTable:
         self.edits_in_use = [0] * n_layers  # per layer: the widest slot's edit count (E of this step)
         self.layer_live = [False] * n_layers  # per layer: does any live slot touch it
         self.topk_live: list[set[str]] = [set() for _ in self.layers]
-        # On CUDA the per-layer work is one fused Triton launch (sae_steer.kernels.sparse_steer); the torch
-        # path below is the same math and serves CPU (and TopK SAEs, which need a full-width encode).
+        self.graph_safe = graph_safe
+        # The Triton kernel: on CUDA; tests also turn it on under TRITON_INTERPRET to check the wiring.
         self.fused = HAS_TRITON and torch.device(device).type == "cuda"
 
     # ---- bookkeeping: called from the logits processor's update_state, before the forward ----
@@ -228,7 +229,7 @@ class SteeringTable:
             live = [s for s in self._slots.values() if li in s.touched]
             self.layer_live[li] = bool(live)
             self.edits_in_use[li] = max((s.edits.get(li, 0) for s in live), default=0)
-            self.topk_live[li] = {name for name, _, _ in dictionary.topk if any(name in s.saes for s in live)}
+            self.topk_live[li] = {name for name, *_ in dictionary.topk if any(name in s.saes for s in live)}
         self.observed_layers = set()
         for observe in filter(None, self._row_observe):
             if "telemetry" in observe:
@@ -240,55 +241,62 @@ class SteeringTable:
         before every forward, outside any captured graph: rewrites token_row in place (same address), so
         a replayed graph reads this step's map. Tokens past qsl[-1] (padding) map to the pad row."""
         bounds = query_start_loc.tolist()
+        if bounds[-1] > self.token_row.shape[0]:
+            raise ValueError(f"{bounds[-1]} tokens in a step, but the table was sized for "
+                             f"max_tokens={self.token_row.shape[0]}")
         counts = torch.tensor(bounds).diff()
         token_row = torch.full((self.token_row.shape[0],), self.pad_row, dtype=torch.int64)
         token_row[:bounds[-1]] = torch.repeat_interleave(torch.arange(len(counts)), counts)
         self.token_row.copy_(token_row, non_blocking=True)  # from pageable memory: reusable on return
         self._bounds = bounds
 
+    @property
+    def observing(self) -> bool:
+        """Does any row ask for telemetry or capture? Those run on the host, only where apply()'s body runs."""
+        return bool(self.observed_layers)
+
     # ---- the hot path: one call per steerable layer per forward step ----
 
     def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """hidden, residual [T, d] (the residual stream is their sum) -> hidden with every row's steering added.
         T may include padding past the step's tokens (prepare_step maps it to no steering)."""
-        out = self._steer(layer, hidden, residual, positions)
-        if layer in self.observed_layers:
+        out = self.steer(layer, hidden, residual, positions)
+        if layer in self.observed_layers and not (hidden.is_cuda and torch.cuda.is_current_stream_capturing()):
             self._observe(layer, hidden, residual, out, positions)
         return out
 
-    def _steer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def steer(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """apply() without the observers. With graph_safe: fixed shapes, no host reads, no branch on table
+        contents (this is what a captured graph replays)."""
         li = self.layer_index[layer]
-        T = hidden.shape[0]
-        if not self.layer_live[li]:
+        dic = self.dictionaries[li]
+        if self.graph_safe:
+            E, topk = self.max_edits, dic.topk
+        elif not self.layer_live[li]:
             return hidden.clone()
+        else:
+            E, topk = self.edits_in_use[li], [t for t in dic.topk if t[0] in self.topk_live[li]]
+        segment = None
+        if topk:  # TopK membership needs every pre-activation of those SAEs
+            segment = topk_segment(hidden, residual, dic.enc, *dic.params, [(lo, hi, k) for _, lo, hi, k in topk],
+                                   dic.topk_lo, dic.null)
+        args = (hidden, residual, self._token_slot(hidden.shape[0], positions),
+                self.edit_feature[li, :, :E], self.edit_mul[li, :, :E], self.edit_add[li, :, :E],
+                self.gate_feature[li, :, :E], self.gate_above[li, :, :E], self.vector[li], dic.enc, dic.dec, *dic.params)
+        if self.fused:
+            return sparse_steer_triton(*args, topk_segment=segment)
+        return sparse_steer(*args, topk_segment=segment, fixed_shapes=self.graph_safe)
+
+    def _token_slot(self, T: int, positions: torch.Tensor) -> torch.Tensor:
+        """[T]: each token's steering slot, 0 where its row has none, its positions mode excludes it, or it is
+        padding (the pad row's slot is 0)."""
+        if T > self.token_row.shape[0]:  # a shape, not a value: fine in a captured graph
+            raise ValueError(f"{T} tokens in a step, but the table was sized for max_tokens={self.token_row.shape[0]}")
         rows = self.token_row[:T]
-        slot = self.row_slot[rows]  # [T]
+        slot = self.row_slot[rows]
         mode, plen = self.slot_positions[slot], self.row_prompt_len[rows]
-        edited = (slot != 0) & ((mode == 0) | ((mode == 1) & (positions < plen)) | ((mode == 2) & (positions >= plen)))
-
-        if self.fused and not self.topk_live[li]:
-            return self._steer_fused(li, hidden, residual, torch.where(edited, slot, 0))
-        delta = self.vector[li, slot]  # [T, d]
-        E = self.edits_in_use[li]
-        if E:
-            x = (hidden + residual).float()
-            feats, gates = self.edit_feature[li, slot, :E], self.gate_feature[li, slot, :E]  # [T, E]
-            f, uniq, inv = self.dictionaries[li].activations(x, torch.cat([feats, gates], 1), self.topk_live[li])
-            f_edit, f_gate = f[:, :E], f[:, E:]
-            change = self.edit_mul[li, slot, :E] * f_edit + self.edit_add[li, slot, :E]  # f' - f
-            change = change * (f_gate > self.gate_above[li, slot, :E])
-            coef = torch.zeros(T, uniq.shape[0], device=x.device).scatter_add_(1, inv[:, :E], change)  # [T, U]
-            delta = delta + coef @ self.dictionaries[li].dec[uniq]  # sum_e change_e W_dec[feat_e]
-        return torch.where(edited[:, None], hidden + delta.to(hidden.dtype), hidden)
-
-    def _steer_fused(self, li: int, hidden: torch.Tensor, residual: torch.Tensor,
-                     token_slot: torch.Tensor) -> torch.Tensor:
-        """The Triton kernel over the full table width: fixed shapes, so it can live in a captured graph."""
-        from sae_steer.kernels.sparse_steer import sparse_steer_triton
-        d = self.dictionaries[li]
-        return sparse_steer_triton(hidden, residual, token_slot, self.edit_feature[li], self.edit_mul[li],
-                                   self.edit_add[li], self.gate_feature[li], self.gate_above[li], self.vector[li],
-                                   d.enc, d.dec, d.gate_bias, d.threshold, d.mag_scale, d.mag_bias)
+        edited = (mode == 0) | ((mode == 1) & (positions < plen)) | ((mode == 2) & (positions >= plen))
+        return torch.where(edited, slot, 0)
 
     def _observe(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, steered: torch.Tensor,
                  positions: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_cases import DEVICE, TOLERANCES, decisive_tokens, dictionary, random_case
-from sae_steer.kernels.sparse_steer import sparse_steer, sparse_steer_reference, sparse_steer_triton
+from sae_steer.kernels.sparse_steer import sparse_steer, sparse_steer_distinct, sparse_steer_reference, sparse_steer_triton
 
 CASES = [  # (d, T, E, dtype)
     (37, 1, 1, torch.float32),  # a single decode token
@@ -55,7 +55,20 @@ def test_kernel_reads_the_table_layout_in_place():
                                **TOLERANCES[torch.float32])
 
 
-def test_dispatcher_uses_the_reference_off_cuda():
+@pytest.mark.parametrize("d,T,E,dtype", CASES, ids=[f"d{d}-T{T}-E{E}-{str(dt)[6:]}" for d, T, E, dt in CASES])
+def test_distinct_features_path_matches_reference(d, T, E, dtype):
+    """The CPU fast path (one matmul over the distinct features) == the per-token reference."""
+    dic, _ = dictionary(d, seed=d)
+    case = random_case(dic, T, E, dtype, seed=T + E)
+    got, want = sparse_steer_distinct(*case.args("cpu")), sparse_steer_reference(*case.args("cpu"))
+    ok = decisive_tokens(case)
+    torch.testing.assert_close(got[ok], want[ok], **TOLERANCES[dtype])
+    unsteered = case.token_slot == 0
+    assert torch.equal(got[unsteered], case.hidden[unsteered])
+
+
+def test_dispatcher_off_cuda_uses_distinct_features_or_the_fixed_shape_reference():
     dic, _ = dictionary(37)
     case = random_case(dic, 10, 4, seed=1)
-    assert torch.equal(sparse_steer(*case.args("cpu")), sparse_steer_reference(*case.args("cpu")))
+    assert torch.equal(sparse_steer(*case.args("cpu")), sparse_steer_distinct(*case.args("cpu")))
+    assert torch.equal(sparse_steer(*case.args("cpu"), fixed_shapes=True), sparse_steer_reference(*case.args("cpu")))

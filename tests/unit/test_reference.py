@@ -100,3 +100,18 @@ def test_interventions_at_a_layer_read_the_same_unedited_stream():
     torch.testing.assert_close(out[3:], expect[3:])
     assert torch.equal(out[:3], x[:3])
     assert torch.equal(steer_residual(x, pos, 3, 0, steering, saes, {"v": {1: v}}), x)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_form_evaluates_to_encode(arch):
+    """SparseAutoencoder.packed() (b_dec folded into per-feature biases), evaluated by the kernels' activation,
+    == encode: the fast paths' one formula agrees with every architecture's definition."""
+    from sae_steer.kernels.sparse_steer import activation
+    sae, x = make(arch, seed=3), torch.randn(9, D)
+    enc, *params = sae.packed()
+    f = activation(x @ enc.T, torch.arange(F), *params)
+    if arch == "topk":  # the packed form is TopK's ReLU; membership is the top k of it
+        top = f.topk(sae.k, dim=-1)
+        f = torch.zeros_like(f).scatter(-1, top.indices, top.values)
+    torch.testing.assert_close(f, sae.encode(x), rtol=1e-5, atol=1e-5)
+    assert (f > 0).any()

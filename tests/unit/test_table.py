@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from sae_steer.edits import steer_residual
@@ -19,7 +20,8 @@ ATOL = 1e-4  # float32, different summation order than the reference
 
 def registry() -> Registry:
     saes = {"relu": random_sae(D, F, 1, "relu", seed=1), "gated": random_sae(D, F, 1, "gated", seed=2),
-            "jump": random_sae(D, F, 2, "jumprelu", seed=3), "topk": random_sae(D, F, 2, "topk", k=6, seed=4)}
+            "jump": random_sae(D, F, 2, "jumprelu", seed=3), "topk": random_sae(D, F, 2, "topk", k=6, seed=4),
+            "topk2": random_sae(D, F // 2, 2, "topk", k=3, seed=6)}  # two TopK SAEs share layer 2's segment
     g = torch.Generator().manual_seed(5)
     vectors = {"v": {0: torch.randn(D, generator=g), 2: torch.randn(D, generator=g)}}
     return Registry(saes=saes, vectors=vectors)
@@ -30,7 +32,7 @@ def random_steering(rng: random.Random) -> Steering | None:
         return None
     ivs = []
     for _ in range(rng.randint(1, 6)):
-        kind = rng.choice(["relu", "gated", "jump", "topk", "v", "inline"])
+        kind = rng.choice(["relu", "gated", "jump", "topk", "topk2", "v", "inline"])
         if kind == "v":
             ivs.append({"type": "vector", "vector": "v", "coef": rng.uniform(-3, 3)})
         elif kind == "inline":
@@ -40,18 +42,20 @@ def random_steering(rng: random.Random) -> Steering | None:
             mode = rng.choice(["add", "clamp", "ablate", "scale"])
             param = {"add": {"strength": rng.uniform(-5, 5)}, "clamp": {"value": rng.uniform(0, 5)}, "ablate": {},
                      "scale": {"factor": rng.uniform(0, 3)}}[mode]
-            iv = {"type": "sae", "sae": kind, "feature": rng.randrange(F), "mode": mode, **param}
+            width = F // 2 if kind == "topk2" else F
+            iv = {"type": "sae", "sae": kind, "feature": rng.randrange(width), "mode": mode, **param}
             if rng.random() < 0.3:
-                iv["when"] = {"feature": rng.randrange(F), "above": rng.uniform(0, 0.5)}
+                iv["when"] = {"feature": rng.randrange(width), "above": rng.uniform(0, 0.5)}
             ivs.append(iv)
     return Steering.model_validate({"interventions": ivs,
                                     "positions": rng.choice(["all", "prompt", "generated"])})
 
 
-def test_table_matches_reference_over_a_random_batch_history():
+@pytest.mark.parametrize("graph_safe", [False, True])
+def test_table_matches_reference_over_a_random_batch_history(graph_safe):
     rng, reg = random.Random(0), registry()
     table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=8, d_model=D,
-                          device=torch.device("cpu"))
+                          device=torch.device("cpu"), graph_safe=graph_safe)
     rows: list[tuple[Steering | None, int] | None] = [None] * ROWS  # the test's own model of the batch
     for step in range(40):
         removed = [r for r in range(ROWS) if rows[r] is not None and rng.random() < 0.2]

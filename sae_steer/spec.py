@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Union
 
@@ -198,21 +199,49 @@ def _check_intervention(iv, where: str, facts: ModelFacts) -> None:
 
 
 MAX_TELEMETRY_TOP_K = 256
+OBSERVER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")  # ids name files: no dots, no slashes
 
 
-def parse_telemetry(raw, facts: ModelFacts) -> dict:
-    """The `telemetry` object: {"sae": NAME, "top_k": K} -> the same dict, validated."""
+def check_observer_id(raw, where: str) -> str:
+    """An id made by the HTTP server (uuid hex) that names the observer's files in the runtime directory."""
+    if not isinstance(raw, str) or not OBSERVER_ID.fullmatch(raw):
+        raise SteeringError(where, f"must be 1-64 letters, digits or '-' (not starting with '-'), got {raw!r}")
+    return raw
+
+
+def parse_telemetry(raw, facts: ModelFacts, where: str = "telemetry", internal: bool = False) -> dict:
+    """The `telemetry` object: {"sae": NAME, "top_k": K} -> the same dict, validated.
+
+    internal=True: the object the HTTP server puts in `extra_args` (key observers.TELEMETRY_KEY),
+    which also carries the server-made `id`; a client never supplies the id."""
     if not isinstance(raw, dict):
-        raise SteeringError("telemetry", f"must be an object, got {type(raw).__name__}")
-    unknown = set(raw) - {"sae", "top_k", "id"}
+        raise SteeringError(where, f"must be an object, got {type(raw).__name__}")
+    expected = ("sae", "top_k", "id") if internal else ("sae", "top_k")
+    unknown = sorted(str(k) for k in set(raw) - set(expected))
     if unknown:
-        raise SteeringError(f"telemetry.{sorted(unknown)[0]}", "unknown field; expected 'sae' and 'top_k'")
-    if raw.get("sae") not in facts.saes:
-        raise SteeringError("telemetry.sae", f"unknown SAE {raw.get('sae')!r}; registered: {sorted(facts.saes)}")
+        raise SteeringError(f"{where}.{unknown[0]}", f"unknown field; expected {list(expected)}")
+    sae = raw.get("sae")
+    if not isinstance(sae, str) or sae not in facts.saes:
+        raise SteeringError(f"{where}.sae", f"unknown SAE {sae!r}; registered: {sorted(facts.saes)}")
     k = raw.get("top_k", 5)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_TELEMETRY_TOP_K:
-        raise SteeringError("telemetry.top_k", f"must be an integer in 1..{MAX_TELEMETRY_TOP_K}, got {k!r}")
-    return {"sae": raw["sae"], "top_k": k, **({"id": raw["id"]} if "id" in raw else {})}
+        raise SteeringError(f"{where}.top_k", f"must be an integer in 1..{MAX_TELEMETRY_TOP_K}, got {k!r}")
+    out = {"sae": sae, "top_k": k}
+    if internal:
+        out["id"] = check_observer_id(raw.get("id"), f"{where}.id")
+    return out
+
+
+def parse_capture(raw, facts: ModelFacts, where: str = "capture") -> dict:
+    """The capture object the HTTP server puts in `extra_args` (observers.CAPTURE_KEY) to build a CAA
+    vector: {"id": ID, "layers": [L, ...]} -> the same dict, validated."""
+    if not isinstance(raw, dict):
+        raise SteeringError(where, f"must be an object, got {type(raw).__name__}")
+    unknown = sorted(str(k) for k in set(raw) - {"id", "layers"})
+    if unknown:
+        raise SteeringError(f"{where}.{unknown[0]}", "unknown field; expected ['id', 'layers']")
+    return {"id": check_observer_id(raw.get("id"), f"{where}.id"),
+            "layers": check_capture_layers(raw.get("layers"), facts, f"{where}.layers")}
 
 
 def check_capture_layers(layers, facts: ModelFacts, where: str = "layers") -> list[int]:
@@ -220,6 +249,8 @@ def check_capture_layers(layers, facts: ModelFacts, where: str = "layers") -> li
     if not isinstance(layers, list) or not layers or not all(isinstance(L, int) and not isinstance(L, bool)
                                                              for L in layers):
         raise SteeringError(where, "must be a non-empty list of layer indices")
+    if len(layers) > facts.num_layers:
+        raise SteeringError(where, f"{len(layers)} layers; the model has {facts.num_layers}")
     for i, layer in enumerate(layers):
         if layer not in facts.steerable_layers:
             raise SteeringError(f"{where}[{i}]", f"layer {layer} is not steerable on this server; steerable layers: "

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - older vLLM: V1 only
     V2LogitsProcessor = object
 
 from sae_steer.registry import Registry
-from sae_steer.spec import SteeringError, check_capture_layers, parse_steering, parse_telemetry
+from sae_steer.spec import SteeringError, parse_capture, parse_steering, parse_telemetry
 from sae_steer.vllm_plugin import facts, observers, steering_op
 from sae_steer.vllm_plugin.table import SteeringTable
 
@@ -37,30 +37,50 @@ def _steering_arg(params):
 
 
 def _observe_arg(params) -> dict | None:
-    """Telemetry / capture requests, set by sae-steer's HTTP server (see observers.py)."""
+    """Telemetry / capture requests, set by sae-steer's HTTP server (see observers.py); validated at
+    admission by `validate_params` (parse_telemetry / parse_capture), so the worker reads them as is."""
     extra = (params.extra_args or {}) if params is not None else {}
     observe = {name: extra[key] for name, key in (("telemetry", observers.TELEMETRY_KEY),
-                                                  ("capture", observers.CAPTURE_KEY)) if key in extra}
+                                                  ("capture", observers.CAPTURE_KEY)) if extra.get(key) is not None}
     return observe or None
 
 
 class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        steering, observe = _steering_arg(sampling_params), _observe_arg(sampling_params)
-        if steering is None and observe is None:
+        """Every value the plugin reads from `extra_args` is checked here, at admission, so a malformed
+        request fails alone (VLLMValidationError naming the field) and never reaches the worker's op."""
+        extra = sampling_params.extra_args if sampling_params is not None else None
+        if not extra:
             return
         try:
+            if not isinstance(extra, dict):
+                raise SteeringError("extra_args", f"must be a dict, got {type(extra).__name__}")
+            # None is absent (as in the worker's _steering_arg / _observe_arg)
+            ours = sorted(k for k, v in extra.items() if v is not None and (k == "steering" or (
+                isinstance(k, str) and k.startswith("sae_steer_"))))
+            if not ours:
+                return
+            unknown = [k for k in ours if k not in ("steering", observers.TELEMETRY_KEY, observers.CAPTURE_KEY)]
+            if unknown:
+                raise SteeringError(unknown[0], "unknown key: the `sae_steer_` prefix of extra_args is reserved for "
+                                                f"{observers.TELEMETRY_KEY!r} and {observers.CAPTURE_KEY!r}")
             model_facts = facts.current()
             if model_facts is None:
-                raise SteeringError("steering", "this engine does not serve steering: start it with "
-                                                "additional_config={'sae_steer': {...}} and the sae_steer plugin enabled")
-            if steering is not None:
-                parse_steering(steering, model_facts)
-            if observe and "telemetry" in observe:
-                parse_telemetry(observe["telemetry"], model_facts)
-            if observe and "capture" in observe:
-                check_capture_layers(observe["capture"].get("layers"), model_facts, "capture.layers")
+                raise SteeringError(ours[0], "this engine does not serve steering: start it with "
+                                             "additional_config={'sae_steer': {...}} and the sae_steer plugin enabled")
+            if "steering" in ours:
+                parse_steering(extra["steering"], model_facts)
+            if observers.TELEMETRY_KEY in ours:
+                parse_telemetry(extra[observers.TELEMETRY_KEY], model_facts, observers.TELEMETRY_KEY, internal=True)
+            if observers.CAPTURE_KEY in ours:
+                parse_capture(extra[observers.CAPTURE_KEY], model_facts, observers.CAPTURE_KEY)
+            observed = [k for k in ours if k != "steering"]
+            if observed:
+                try:  # the worker writes there: refuse here rather than in the model's forward pass
+                    observers.check_runtime_dir()
+                except observers.RuntimeDirError as e:
+                    raise SteeringError(observed[0], str(e)) from None
         except SteeringError as e:  # -> HTTP 400 with OpenAI's `param` set to the field
             from vllm.exceptions import VLLMValidationError
             raise VLLMValidationError(str(e), parameter=e.field) from None

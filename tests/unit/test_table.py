@@ -51,6 +51,44 @@ def random_steering(rng: random.Random) -> Steering | None:
                                     "positions": rng.choice(["all", "prompt", "generated"])})
 
 
+def next_batch(rng: random.Random, rows: list) -> tuple[list, list, list, int]:
+    """One step of vLLM's persistent batch, applied to the test's own model `rows` (row -> (steering,
+    prompt_len) or None) -> (added, removed, moved, n_live) for SteeringTable.update."""
+    removed = [r for r in range(len(rows)) if rows[r] is not None and rng.random() < 0.2]
+    for r in removed:
+        rows[r] = None
+    # vLLM's order: removed rows leave holes, new requests fill the lowest free rows, then the batch
+    # is condensed (the last rows move into the holes) and rows may be swapped (reordering).
+    added = []
+    for r in range(len(rows)):
+        if rows[r] is None and rng.random() < 0.5:
+            rows[r] = (random_steering(rng), rng.randint(1, 20))
+            added.append((r, *rows[r]))
+    moved = []
+    while None in rows and any(rows[rows.index(None):]):
+        hole = rows.index(None)
+        last = max(r for r in range(len(rows)) if rows[r] is not None)
+        rows[hole], rows[last] = rows[last], None
+        moved.append((last, hole, False))
+    n_live = len(rows) - rows.count(None)
+    if n_live >= 2 and rng.random() < 0.5:
+        a, b = rng.sample(range(n_live), 2)
+        rows[a], rows[b] = rows[b], rows[a]
+        moved.append((a, b, True))
+    assert all(rows[r] is not None for r in range(n_live))
+    return added, removed, moved, n_live
+
+
+def random_chunks(rng: random.Random, n_live: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's schedule: each live row a chunk (a prefill chunk or one decode token) at some position.
+    -> (query_start_loc [n_live + 1], positions [T])."""
+    lens = [rng.choice([1, 1, 3, 7]) for _ in range(n_live)]
+    starts = [rng.randint(0, 25) for _ in range(n_live)]
+    qsl = torch.tensor([0] + torch.tensor(lens, dtype=torch.long).cumsum(0).tolist())
+    positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)] + [torch.zeros(0, dtype=torch.long)])
+    return qsl, positions
+
+
 @pytest.mark.parametrize("graph_safe", [False, True])
 def test_table_matches_reference_over_a_random_batch_history(graph_safe):
     rng, reg = random.Random(0), registry()
@@ -58,35 +96,9 @@ def test_table_matches_reference_over_a_random_batch_history(graph_safe):
                           device=torch.device("cpu"), graph_safe=graph_safe)
     rows: list[tuple[Steering | None, int] | None] = [None] * ROWS  # the test's own model of the batch
     for step in range(40):
-        removed = [r for r in range(ROWS) if rows[r] is not None and rng.random() < 0.2]
-        for r in removed:
-            rows[r] = None
-        # vLLM's order: removed rows leave holes, new requests fill the lowest free rows, then the batch
-        # is condensed (the last rows move into the holes) and rows may be swapped (reordering).
-        added = []
-        for r in range(ROWS):
-            if rows[r] is None and rng.random() < 0.5:
-                rows[r] = (random_steering(rng), rng.randint(1, 20))
-                added.append((r, *rows[r]))
-        moved = []
-        while None in rows and any(rows[rows.index(None):]):
-            hole = rows.index(None)
-            last = max(r for r in range(ROWS) if rows[r] is not None)
-            rows[hole], rows[last] = rows[last], None
-            moved.append((last, hole, False))
-        n_live = ROWS - rows.count(None)
-        if n_live >= 2 and rng.random() < 0.5:
-            a, b = rng.sample(range(n_live), 2)
-            rows[a], rows[b] = rows[b], rows[a]
-            moved.append((a, b, True))
+        added, removed, moved, n_live = next_batch(rng, rows)
         table.update(added, removed, moved)
-        live = list(range(n_live))
-        assert all(rows[r] is not None for r in live)
-        # The step's batch: each live row schedules a chunk (prefill chunk or one decode token).
-        lens = [rng.choice([1, 1, 3, 7]) for _ in live]
-        starts = [rng.randint(0, 25) for _ in live]
-        qsl = torch.tensor([0] + torch.tensor(lens, dtype=torch.long).cumsum(0).tolist())
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)] + [torch.zeros(0, dtype=torch.long)])
+        qsl, positions = random_chunks(rng, n_live)
         T = int(qsl[-1])
         pad = rng.randint(0, 3)  # padded tokens past the last row (as with CUDA-graph padding)
         positions = torch.cat([positions, torch.zeros(pad, dtype=torch.long)])
@@ -94,8 +106,8 @@ def test_table_matches_reference_over_a_random_batch_history(graph_safe):
         table.prepare_step(qsl)
         for layer in LAYERS:
             out = table.apply(layer, hidden, residual, positions)
-            for i, r in enumerate(live):
-                steering, prompt_len = rows[r]
+            for i in range(n_live):
+                steering, prompt_len = rows[i]
                 seg = slice(int(qsl[i]), int(qsl[i + 1]))
                 x = hidden[seg] + residual[seg]
                 if steering is None:

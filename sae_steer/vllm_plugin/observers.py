@@ -9,45 +9,148 @@ names a path. Both cost a host sync, so they run only for rows that asked for th
                the top-k features of the (steered) residual stream -> <id>.telemetry.jsonl
     capture    {"id", "layers"}: the residual stream at the last prompt position, at each layer
                (for building CAA vectors on the served model) -> <id>.L<layer>.safetensors
+
+The runtime directory is `$SAE_STEER_RUNTIME_DIR` (`sae-steer serve` sets it to a fresh
+`tempfile.mkdtemp` directory that its engine processes inherit) or else `<tmp>/sae-steer-<euid>`.
+It is created atomically with mode 0700 (os.mkdir, no exist_ok), and whoever made it, it is used
+only if it is a real directory (not a symlink), owned by this user, with no group/other access:
+otherwise RuntimeDirError, checked at startup by the HTTP server and at admission offline. Every
+file is opened relative to the directory's descriptor with O_NOFOLLOW (and O_EXCL when created
+whole), so a path swapped after the check or a planted symlink is never followed.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import stat
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
+from sae_steer.spec import OBSERVER_ID
+
+logger = logging.getLogger("vllm.sae_steer")
 TELEMETRY_KEY = "sae_steer_telemetry"
 CAPTURE_KEY = "sae_steer_capture"
+RUNTIME_DIR_ENV = "SAE_STEER_RUNTIME_DIR"
+_NOFOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+class RuntimeDirError(RuntimeError):
+    """The runtime directory is not private to this user: refuse to use it."""
 
 
 def runtime_dir() -> Path:
-    path = Path(os.environ.get("SAE_STEER_RUNTIME_DIR") or Path(tempfile.gettempdir()) / f"sae-steer-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    """The runtime directory's path (not created or checked: see check_runtime_dir)."""
+    return Path(os.environ.get(RUNTIME_DIR_ENV) or Path(tempfile.gettempdir()) / f"sae-steer-{os.geteuid()}")
 
 
-def _file(observer_id: str, suffix: str) -> Path:
-    if not observer_id.replace("-", "").isalnum():
+_lock = threading.Lock()
+_opened: tuple[str, int, int] | None = None  # (path, fd, pid) of the checked directory
+
+
+def _dir_fd() -> int:
+    """A descriptor of the checked runtime directory (created privately when missing), per process."""
+    global _opened
+    path = str(runtime_dir())
+    with _lock:
+        if _opened is not None and _opened[0] == path and _opened[2] == os.getpid():
+            return _opened[1]
+        if os.environ.get(RUNTIME_DIR_ENV):  # the operator's path: its parents are theirs to make
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)  # atomic; when it succeeds the directory is ours and private
+        except FileExistsError:
+            pass  # made earlier (by us, or by someone else: checked below)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+        except OSError as e:
+            what = "a symlink" if os.path.islink(path) else \
+                "not a directory" if e.errno in (errno.ENOTDIR, errno.ELOOP) else e.strerror
+            raise RuntimeDirError(_refusal(path, what)) from None
+        st = os.fstat(fd)
+        problem = None
+        if st.st_uid != os.geteuid():
+            problem = f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+        elif stat.S_IMODE(st.st_mode) & 0o077:
+            problem = f"mode {stat.S_IMODE(st.st_mode):04o}: other users can read or write it (0700 expected)"
+        if problem:
+            os.close(fd)
+            raise RuntimeDirError(_refusal(path, problem))
+        if _opened is not None and _opened[2] == os.getpid():
+            os.close(_opened[1])
+        _opened = (path, fd, os.getpid())
+        return fd
+
+
+def _refusal(path: str, problem: str) -> str:
+    return (f"sae-steer's runtime directory {path} is {problem}; telemetry and CAA capture refuse to use it "
+            f"(another local user could read or forge what passes through it). Remove it, or set "
+            f"{RUNTIME_DIR_ENV} to a private directory (`sae-steer serve` makes a fresh one by itself)")
+
+
+def check_runtime_dir() -> Path:
+    """Create (privately) and check the runtime directory; RuntimeDirError when it is unsafe."""
+    _dir_fd()
+    return runtime_dir()
+
+
+def _name(observer_id: str, suffix: str) -> str:
+    if not isinstance(observer_id, str) or not OBSERVER_ID.fullmatch(observer_id):
         raise ValueError(f"bad observer id {observer_id!r}")
-    return runtime_dir() / f"{observer_id}{suffix}"
+    return f"{observer_id}{suffix}"
 
 
-# ---- worker side ----
+def _open(name: str, flags: int, mode: int = 0o600) -> int:
+    """Open a file in the runtime directory, never through a symlink; only our own regular files."""
+    fd = os.open(name, flags | _NOFOLLOW | os.O_NONBLOCK, mode, dir_fd=_dir_fd())  # O_NONBLOCK: a FIFO never blocks
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise RuntimeDirError(f"{runtime_dir() / name} is not a regular file of this user")
+    return fd
+
+
+# ---- worker side (inside the model's forward: never raise, the engine must keep serving) ----
 
 def record_telemetry(observer_id: str, positions: list[int], indices: list[list[int]], values: list[list[float]]) -> None:
-    with open(_file(observer_id, ".telemetry.jsonl"), "a") as f:
-        for p, i, v in zip(positions, indices, values):
-            f.write(json.dumps({"position": p, "features": i, "activations": v}) + "\n")
+    data = "".join(json.dumps({"position": p, "features": i, "activations": v}) + "\n"
+                   for p, i, v in zip(positions, indices, values)).encode()
+    try:
+        fd = _open(_name(observer_id, ".telemetry.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, data)  # one write per step: readers see whole lines or none
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, RuntimeDirError) as e:
+        logger.error("sae-steer: telemetry %r not recorded: %s", observer_id, e)
 
 
 def record_capture(observer_id: str, layer: int, x: torch.Tensor) -> None:
-    tmp = _file(observer_id, f".L{layer}.tmp")
-    save_file({"x": x.detach().float().cpu().contiguous()}, str(tmp))
-    tmp.rename(_file(observer_id, f".L{layer}.safetensors"))  # atomic: readers never see half a file
+    try:
+        data = save_safetensors({"x": x.detach().float().cpu().contiguous()})
+        final, tmp = _name(observer_id, f".L{layer}.safetensors"), _name(observer_id, f".L{layer}.{os.getpid()}.tmp")
+        dfd = _dir_fd()
+        try:
+            os.unlink(tmp, dir_fd=dfd)  # a leftover of an earlier attempt of this process
+        except FileNotFoundError:
+            pass
+        fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, final, src_dir_fd=dfd, dst_dir_fd=dfd)  # atomic: readers never see half a file
+    except (OSError, ValueError, RuntimeDirError) as e:
+        logger.error("sae-steer: capture %r at layer %d not recorded: %s", observer_id, layer, e)
 
 
 # ---- API side ----
@@ -61,13 +164,15 @@ class TelemetryReader:
     """
 
     def __init__(self, observer_id: str):
-        self.path = _file(observer_id, ".telemetry.jsonl")
+        self.name = _name(observer_id, ".telemetry.jsonl")
         self.offset, self.first, self.seen = 0, None, set()
 
     def new_records(self) -> list[tuple[int, dict]]:
-        if not self.path.exists():
+        try:
+            fd = _open(self.name, os.O_RDONLY)
+        except FileNotFoundError:
             return []
-        with open(self.path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
             f.seek(self.offset)
             data = f.read()
         complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time
@@ -85,10 +190,20 @@ class TelemetryReader:
 
 
 def read_capture(observer_id: str, layer: int) -> torch.Tensor | None:
-    path = _file(observer_id, f".L{layer}.safetensors")
-    return load_file(str(path))["x"] if path.exists() else None
+    try:
+        fd = _open(_name(observer_id, f".L{layer}.safetensors"), os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return load_safetensors(f.read())["x"]
 
 
 def discard(observer_id: str) -> None:
-    for path in runtime_dir().glob(f"{observer_id}.*"):
-        path.unlink(missing_ok=True)
+    prefix = _name(observer_id, ".")
+    dfd = _dir_fd()
+    for name in os.listdir(dfd):
+        if name.startswith(prefix):
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except FileNotFoundError:
+                pass

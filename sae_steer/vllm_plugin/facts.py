@@ -14,6 +14,7 @@ from sae_steer.spec import ModelFacts
 
 _current: ModelFacts | None = None  # the facts of the engine this process serves (front end)
 _current_settings: Settings | None = None
+_current_full_graphs = False
 
 
 def settings_of(config) -> Settings | None:
@@ -25,10 +26,9 @@ def facts_for(config) -> ModelFacts | None:
     raw = (config.additional_config or {}).get(SETTINGS_KEY)
     if raw is None:
         return None
-    from sae_steer.vllm_plugin.steering_op import DECODER_LAYERS
-    architectures = config.model_config.architectures or []
-    if not any(a in DECODER_LAYERS for a in architectures):
-        raise ValueError(f"sae-steer cannot steer architecture {architectures}; supported: {sorted(DECODER_LAYERS)}")
+    from sae_steer.vllm_plugin import adapters, require_complete
+    require_complete()
+    adapters.family_of(config.model_config.architectures)  # an unknown family is refused by name
     model = config.model_config
     return _facts(json.dumps(raw, sort_keys=True), model.get_hidden_size(), model.get_total_num_hidden_layers())
 
@@ -40,9 +40,11 @@ def _facts(settings_json: str, d_model: int, num_layers: int) -> ModelFacts:
 
 
 def record(config) -> None:
-    global _current, _current_settings
+    global _current, _current_settings, _current_full_graphs
+    from sae_steer.vllm_plugin.engine_config import full_graphs
     _current = facts_for(config)
     _current_settings = settings_of(config)
+    _current_full_graphs = _current is not None and full_graphs(config)
 
 
 def current() -> ModelFacts | None:
@@ -51,3 +53,8 @@ def current() -> ModelFacts | None:
 
 def current_settings() -> Settings | None:
     return _current_settings
+
+
+def current_full_graphs() -> bool:
+    """Does the engine this process serves replay steering from full CUDA graphs (no telemetry/capture)?"""
+    return _current_full_graphs

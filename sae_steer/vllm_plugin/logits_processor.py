@@ -26,7 +26,8 @@ except ImportError:  # pragma: no cover - older vLLM: V1 only
 
 from sae_steer.registry import Registry
 from sae_steer.spec import SteeringError, parse_capture, parse_steering, parse_telemetry
-from sae_steer.vllm_plugin import facts, observers, steering_op
+from sae_steer.vllm_plugin import engine_config, facts, observers, steering_op
+from sae_steer.vllm_plugin import install_worker_hooks
 from sae_steer.vllm_plugin.table import SteeringTable
 
 logger = logging.getLogger("vllm.sae_steer")
@@ -76,6 +77,10 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
             if observers.CAPTURE_KEY in ours:
                 parse_capture(extra[observers.CAPTURE_KEY], model_facts, observers.CAPTURE_KEY)
             observed = [k for k in ours if k != "steering"]
+            if observed and facts.current_full_graphs():
+                raise SteeringError(observed[0], "this engine replays steering from full CUDA graphs, where telemetry "
+                                                 "and capture cannot run: serve them with cudagraph_mode PIECEWISE "
+                                                 "(the default for steering engines) or NONE")
             if observed:
                 try:  # the worker writes there: refuse here rather than in the model's forward pass
                     observers.check_runtime_dir()
@@ -99,21 +104,23 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         steering_op.set_table(None)  # never steer with a table left by an earlier engine in this process
         if self.facts is None:
             return
-        if not steering_op.patched_classes:
-            raise RuntimeError("sae_steer settings are present but the sae_steer general plugin did not run in "
-                               "this worker (is VLLM_PLUGINS excluding 'sae_steer'?): refusing to serve unsteered")
-        from vllm.config import CUDAGraphMode
-        if vllm_config.compilation_config.cudagraph_mode not in (None, CUDAGraphMode.NONE):
-            raise RuntimeError("sae-steer does not support CUDA graphs yet (its op reads host-side batch state); "
-                               "start the engine with enforce_eager=True or -cc.cudagraph_mode=NONE")
+        # Only engines that ask for steering wire the op into the worker (see vllm_plugin/__init__.py).
+        install_worker_hooks()
         settings = facts.settings_of(vllm_config)
         registry = Registry.load(settings, device)
+        compilation = vllm_config.compilation_config
+        # Every token count a forward may see: scheduled steps, and the padded sizes of captured graphs.
+        max_tokens = max(vllm_config.scheduler_config.max_num_batched_tokens,
+                         compilation.max_cudagraph_capture_size or 0)
         self.table = SteeringTable(registry, sorted(self.facts.steerable_layers),
-                                   max_rows=vllm_config.scheduler_config.max_num_seqs,
-                                   max_edits=self.facts.max_interventions, d_model=self.facts.d_model, device=device)
+                                   max_rows=vllm_config.scheduler_config.max_num_seqs, max_tokens=max_tokens,
+                                   max_edits=self.facts.max_interventions, d_model=self.facts.d_model, device=device,
+                                   graph_safe=engine_config.full_graphs(vllm_config))
         steering_op.set_table(self.table)
-        logger.info("sae-steer: steering %d SAE(s), %d vector(s) at layers %s", len(registry.saes),
-                    len(registry.vectors), sorted(self.facts.steerable_layers))
+        logger.info("sae-steer: steering %d SAE(s), %d vector(s) at layers %s (V1 model runner, cudagraph mode %s%s)",
+                    len(registry.saes), len(registry.vectors), sorted(self.facts.steerable_layers),
+                    compilation.cudagraph_mode.name if compilation.cudagraph_mode is not None else "NONE",
+                    ", graph-safe table" if self.table.graph_safe else "")
 
     def is_argmax_invariant(self) -> bool:
         return True

@@ -1,37 +1,42 @@
-"""The in-model steering op: `torch.ops.sae_steer.steer_residual`, called after each steerable decoder layer.
+"""The in-model steering op `torch.ops.sae_steer.steer_residual`, its wiring into vLLM's worker, and the
+startup check that proves it runs.
 
 Why an opaque custom op and not a forward hook: vLLM compiles the model with torch.compile, and
-PyTorch forward hooks never fire in the compiled graph (steering would silently vanish). The
-decoder layer's `forward` is wrapped before the model is built, so the compiler traces the op
-call into the graph; being opaque, its body runs at every step, eager or compiled. Only layers
-that can be steered (registry.Settings) get the call, so the rest of the model is untouched.
+PyTorch forward hooks never fire in the compiled graph (steering would silently vanish). Each
+steerable block instance gets a forward that calls the op (`adapters.attach`) after the model is
+loaded and before it is compiled, so the compiler traces the call into the graph; being opaque,
+the op's body runs at every step, eager, compiled, or as a piecewise-CUDA-graph split point. In a
+full CUDA graph the body's tensor work is captured once and replayed: the table then runs its
+graph-safe path (fixed-address buffers updated in place, no host reads, no Python branch on
+per-step data).
 
-The body reads the step's `query_start_loc` (token -> persistent-batch row) from vLLM's forward
-context and the worker's SteeringTable, which the logits processor fills before the forward.
+The body reads only state the plugin keeps itself, never the attention backend's metadata
+(FlashInfer's has no `query_start_loc`):
+- the SteeringTable (filled by the logits processor's `update_state` before each forward), whose
+  token -> row map `prepare_step` writes from the runner's `query_start_loc` after vLLM's
+  `_prepare_inputs`;
+- the runner's `positions` buffer (a fixed-address tensor: vLLM's model input).
+
+Worker-side wiring is installed only by an engine that has sae_steer settings (from the logits
+processor's __init__), and is inert for runners of engines that have none.
 """
 from __future__ import annotations
 
+import collections
 import functools
-import importlib
 import logging
 
 import torch
 
+from sae_steer.vllm_plugin import adapters
+
 logger = logging.getLogger("vllm.sae_steer")
 
-# The worker's table, published by SteeringLogitsProcessor.__init__ (one engine per worker process).
+# The worker's table and model runner (one steering engine per worker process at a time).
 _table = None
-
-# Decoder layers whose forward returns (hidden_states, residual) with the residual stream = their sum.
-# architecture -> (module, class)
-DECODER_LAYERS = {
-    "LlamaForCausalLM": ("vllm.model_executor.models.llama", "LlamaDecoderLayer"),
-    "MistralForCausalLM": ("vllm.model_executor.models.llama", "LlamaDecoderLayer"),
-    "Qwen2ForCausalLM": ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
-    "Qwen3ForCausalLM": ("vllm.model_executor.models.qwen3", "Qwen3DecoderLayer"),
-    "Gemma2ForCausalLM": ("vllm.model_executor.models.gemma2", "Gemma2DecoderLayer"),
-}
-patched_classes: set[type] = set()
+_runner = None
+# Calls of the op's body per layer since the model was loaded: the startup check reads them.
+calls: collections.Counter = collections.Counter()
 
 
 def set_table(table) -> None:
@@ -40,71 +45,116 @@ def set_table(table) -> None:
 
 
 @torch.library.custom_op("sae_steer::steer_residual", mutates_args=())
-def steer_residual(hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, layer: int) -> torch.Tensor:
-    """hidden [T, d] -> hidden + this step's steering delta for every token (residual [T, d] is read only)."""
-    if _table is None:
+def steer_residual(hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """hidden [T, d] -> hidden + this step's steering delta for every token.
+
+    The residual stream is hidden + residual (blocks that defer the residual add), or hidden alone
+    (residual None: blocks that return the whole stream). residual is read only."""
+    calls[layer] += 1
+    if _table is None or _runner is None:
         return hidden.clone()
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-    if not is_forward_context_available():
-        return hidden.clone()
-    metadata = get_forward_context().attn_metadata
-    if not metadata:  # profiling / warm-up runs carry no requests
-        return hidden.clone()
-    if isinstance(metadata, list):
-        raise RuntimeError("sae-steer does not support micro-batching (dual batch overlap)")
-    query_start_loc = next(iter(metadata.values())).query_start_loc
-    return _table.apply(layer, hidden, residual, positions, query_start_loc)
+    positions = _runner.positions[: hidden.shape[0]]
+    return _table.apply(layer, hidden, torch.zeros_like(hidden) if residual is None else residual, positions)
 
 
 @steer_residual.register_fake
-def _(hidden, residual, positions, layer):
+def _(hidden, residual, layer):
     return torch.empty_like(hidden)
 
 
-def _layer_index(module: torch.nn.Module, prefix: str | None) -> int:
-    from vllm.model_executor.models.utils import extract_layer_index
-    return extract_layer_index(prefix or module.self_attn.attn.layer_name)
+# ---- wiring into the worker (V1 model runner), installed by steering engines only ----
 
-
-def _steerable_layers() -> frozenset[int]:
-    """The steerable layers of the engine being built (empty when it has no sae_steer settings)."""
-    from vllm.config import get_current_vllm_config_or_none
+def _steering_facts(vllm_config):
     from sae_steer.vllm_plugin.facts import facts_for
-    config = get_current_vllm_config_or_none()
-    facts = facts_for(config) if config is not None else None
-    return facts.steerable_layers if facts else frozenset()
+    return facts_for(vllm_config)
 
 
-def _patch(cls: type) -> None:
-    """Wrap cls.__init__ (decide once if this layer is steerable) and cls.forward (call the op)."""
-    if cls in patched_classes:
+def attach_to_model(runner) -> None:
+    """After load: attach the op to every steerable block of the runner's model."""
+    global _runner
+    facts = _steering_facts(runner.vllm_config)
+    if facts is None:
         return
-    init, forward = cls.__init__, cls.forward
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        index = _layer_index(self, kwargs.get("prefix"))
-        # A plain int or None attribute: torch.compile treats it as a constant of the graph.
-        self.sae_steer_layer = index if index in _steerable_layers() else None
-
-    @functools.wraps(forward)
-    def steered_forward(self, positions, hidden_states, residual, *args, **kwargs):
-        hidden_states, residual = forward(self, positions, hidden_states, residual, *args, **kwargs)
-        if self.sae_steer_layer is not None:
-            hidden_states = torch.ops.sae_steer.steer_residual(hidden_states, residual, positions,
-                                                               self.sae_steer_layer)
-        return hidden_states, residual
-
-    cls.__init__, cls.forward = __init__, steered_forward
-    patched_classes.add(cls)
+    config = runner.vllm_config.model_config
+    family = adapters.family_of(config.architectures)
+    blocks = adapters.blocks_of(runner.get_model(), family, config.get_total_num_hidden_layers())
+    for layer in sorted(facts.steerable_layers):
+        adapters.attach(blocks[layer], layer, family)
+    _runner = runner
+    runner.sae_steer_steerable = sorted(facts.steerable_layers)
+    calls.clear()
+    logger.info("sae-steer: %s family, steering op attached after decoder blocks %s (%s)", family.name,
+                runner.sae_steer_steerable, type(blocks[0]).__name__)
 
 
-def patch_decoder_layers() -> None:
-    for module_name, class_name in set(DECODER_LAYERS.values()):
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as e:  # a vLLM build without that model
-            logger.debug("sae-steer: cannot patch %s.%s: %s", module_name, class_name, e)
-            continue
-        _patch(cls)
+def verify(runner) -> None:
+    """After vLLM's warm-up (profiling, compilation, CUDA-graph capture): prove that the op ran at every
+    steerable layer, in this engine's compile and graph mode, or refuse to start.
+
+    Catches a block class whose forward does not reach the op, a model that does not call its blocks
+    as the family table says, a vLLM refactor, and a compile or graph mode that drops the op."""
+    layers = getattr(runner, "sae_steer_steerable", None)
+    if layers is None:
+        return
+    if any(calls[L] == 0 for L in layers):
+        # Eager engines run no forward at startup: run a canary step (no requests, so no steering).
+        runner._dummy_run(min(8, runner.scheduler_config.max_num_batched_tokens))
+    missing = [L for L in layers if calls[L] == 0]
+    if missing:
+        blocks = adapters.blocks_of(runner.get_model(), adapters.family_of(runner.vllm_config.model_config.architectures),
+                                    runner.vllm_config.model_config.get_total_num_hidden_layers())
+        names = ", ".join(f"layer {L} ({type(blocks[L]).__module__}.{type(blocks[L]).__name__})" for L in missing)
+        raise RuntimeError(f"sae-steer: the steering op never ran at {names} during the startup check "
+                           f"(compilation mode {runner.vllm_config.compilation_config.mode}, cudagraph mode "
+                           f"{runner.vllm_config.compilation_config.cudagraph_mode}): steered requests would be "
+                           f"served unsteered, so this engine refuses to start")
+    logger.info("sae-steer: startup check passed: the steering op ran at layers %s", layers)
+
+
+def _after(cls, name: str, hook) -> None:
+    """Wrap cls.<name> so that hook(self) runs after it (once per class, idempotent)."""
+    original = cls.__dict__.get(name)
+    if original is None:
+        raise LookupError(f"{cls.__module__}.{cls.__qualname__}.{name}")
+    if getattr(original, "_sae_steer_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def wrapped(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        hook(self)
+        return result
+
+    wrapped._sae_steer_wrapped = True
+    setattr(cls, name, wrapped)
+
+
+def _prepare_step(runner) -> None:
+    if _table is not None and runner is _runner:
+        _table.prepare_step(runner.query_start_loc.cpu[: runner.input_batch.num_reqs + 1])
+
+
+def _verify_worker(worker) -> None:
+    verify(worker.model_runner)
+
+
+def install_worker_hooks() -> None:
+    """Wrap the V1 runner's load / input preparation and the worker's warm-up. Raises ImportError or
+    LookupError naming the missing piece when vLLM has moved one (the caller refuses to steer)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+    runners, workers = [GPUModelRunner], [Worker]
+    try:  # the CPU build overrides load_model and compile_or_warm_up_model
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+        from vllm.v1.worker.cpu_worker import CPUWorker
+        runners.append(CPUModelRunner)
+        workers.append(CPUWorker)
+    except ImportError:
+        pass
+    for cls in runners:
+        if "load_model" in cls.__dict__:
+            _after(cls, "load_model", attach_to_model)
+    _after(GPUModelRunner, "_prepare_inputs", _prepare_step)
+    for cls in workers:
+        if "compile_or_warm_up_model" in cls.__dict__:
+            _after(cls, "compile_or_warm_up_model", _verify_worker)

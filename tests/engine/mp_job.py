@@ -38,8 +38,9 @@ def main(kind: str, spec_path: str, out_path: str) -> None:
                              extra_args=None if r["steering"] is None else {"steering": r["steering"]})
               for r in requests]
     outs = llm.generate([{"prompt_token_ids": r["prompt"]} for r in requests], params, use_tqdm=False)
-    from sae_steer.vllm_plugin import steering_op
-    result = {"patched_in_api_process": bool(steering_op.patched_classes), "outputs": [
+    from vllm.config import VllmConfig
+    plugin_loaded = getattr(VllmConfig.compute_hash, "_sae_steer_wrapped", False)
+    result = {"plugin_loaded_in_api_process": plugin_loaded, "outputs": [
         {"name": r["name"], "token_ids": list(o.outputs[0].token_ids),
          "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]}
         for r, o in zip(requests, outs)]}

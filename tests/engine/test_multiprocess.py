@@ -53,8 +53,8 @@ def results(artifacts, tmp_path_factory):
 
 
 def test_unsteered_requests_are_bit_identical_to_vanilla_vllm(results):
-    assert not results["vanilla"]["patched_in_api_process"], "the vanilla run must not load the general plugin"
-    assert results["plugin"]["patched_in_api_process"]
+    assert not results["vanilla"]["plugin_loaded_in_api_process"], "the vanilla run must not load the general plugin"
+    assert results["plugin"]["plugin_loaded_in_api_process"]
     plugin = {o["name"]: o for o in results["plugin"]["outputs"]}
     for vanilla in results["vanilla"]["outputs"]:
         ours = plugin[vanilla["name"]]

@@ -31,7 +31,7 @@ mkdir "$FARM/sae_steer"
 for entry in "$REPO"/sae_steer/*; do ln -s "$entry" "$FARM/sae_steer/"; done
 ln -s "$REPO/kernels" "$FARM/sae_steer/kernels"
 ln -s "$REPO/server" "$FARM/sae_steer/server"
-export PYTHONPATH="$FARM:$REPO"  # $REPO for `tests.*` and `benchmarks`
+export PYTHONPATH="$FARM:$REPO${PYTHONPATH:+:$PYTHONPATH}"  # $REPO for `tests.*` and `benchmarks`; then carried wheels
 export PYTHONDONTWRITEBYTECODE=1
 if [ "$CPU" = 1 ]; then export TRITON_INTERPRET=1; else unset TRITON_INTERPRET; fi
 
@@ -52,7 +52,7 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, log it, reco
   git -C "$REPO" log -1 --oneline 2>/dev/null || echo "(not a git checkout)"; } > "$OUT/device.txt"
 cat "$OUT/device.txt"
 
-step imports 120 "$PYTHON" -P -c '
+step imports 60 "$PYTHON" -P -c '
 import sys, torch
 import sae_steer, sae_steer.kernels
 from sae_steer.registry import Registry
@@ -70,10 +70,10 @@ assert "vllm" not in sys.modules, "importing the table imported vllm"
 '
 
 PYTEST=("$PYTHON" -P -m pytest -p no:cacheprovider -q -rs)
-step kernel_tests 240 "${PYTEST[@]}" tests/kernels --ignore=tests/kernels/test_table_cuda_graph.py
-step cuda_graph 120 "${PYTEST[@]}" -v tests/kernels/test_table_cuda_graph.py
+step kernel_tests 180 "${PYTEST[@]}" tests/kernels --ignore=tests/kernels/test_table_cuda_graph.py
+step cuda_graph 90 "${PYTEST[@]}" -v tests/kernels/test_table_cuda_graph.py
 if [ "$CPU" = 0 ]; then
-  step benchmark 180 "$PYTHON" -P benchmarks/kernels.py --quick --results "$OUT/benchmarks-results"
+  step benchmark 150 "$PYTHON" -P benchmarks/kernels.py --quick --results "$OUT/benchmarks-results"
 fi
 
 echo "--- summary (also in $OUT/summary.txt)"

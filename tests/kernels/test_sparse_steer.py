@@ -50,6 +50,10 @@ def test_kernel_reads_the_table_layout_in_place():
     wide = torch.zeros(25, 64, device=DEVICE)
     wide[:, 5:42] = args[0]
     args[0] = wide[:, 5:42]  # stride(0) = 64
+    for i in range(3, 8):  # the edit tables as the table passes them: [:, :E] views of max_edits-wide tables
+        wide_table = torch.zeros(args[i].shape[0], args[i].shape[1] + 3, dtype=args[i].dtype, device=DEVICE)
+        wide_table[:, : args[i].shape[1]] = args[i]
+        args[i] = wide_table[:, : args[i].shape[1]]
     assert not args[3].is_contiguous()
     torch.testing.assert_close(sparse_steer_triton(*args).cpu(), sparse_steer_reference(*case.args("cpu")),
                                **TOLERANCES[torch.float32])

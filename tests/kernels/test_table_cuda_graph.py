@@ -1,11 +1,13 @@
-"""On a GPU: the whole steering path (SteeringTable with graph_safe=True: token -> row -> slot map, TopK
-encodes, the fused kernel) captured in CUDA graphs, as vLLM captures its decode steps at a few batch sizes,
+"""On a GPU: the whole steering path of the served model (the op `torch.ops.sae_steer.steer_residual` as the
+model calls it, reading the runner's positions buffer and a SteeringTable with graph_safe=True: token -> row ->
+slot map, TopK encodes, the fused kernel) captured in CUDA graphs, as vLLM captures its decode steps at a few batch sizes,
 then replayed across a batch history: requests added, removed, moved and swapped through update(), new
 prepare_step bounds and padding tokens. Every replay must equal an eager run of the same table on the
 same inputs, bit for bit, and the per-request reference `sae_steer.edits.steer_residual`."""
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch
 from kernel_cases import DEVICE
 from sae_steer.edits import steer_residual
 from sae_steer.registry import Registry
+from sae_steer.vllm_plugin import steering_op
 from sae_steer.vllm_plugin.table import SteeringTable
 from tests.unit.test_table import D, LAYERS, MAX_TOKENS, ROWS, next_batch, random_chunks, registry
 
@@ -29,13 +32,16 @@ def test_captured_steering_follows_table_updates():
     table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=8, d_model=D,
                           device=DEVICE, graph_safe=True)
     assert table.fused
-    # fixed-address inputs per captured size, as vLLM keeps them; captured while nothing is steered
-    inputs = {T: (torch.zeros(T, D, device=DEVICE), torch.zeros(T, D, device=DEVICE),
-                  torch.zeros(T, dtype=torch.int64, device=DEVICE)) for T in CAPTURED_SIZES}
+    # fixed-address inputs per captured size, as vLLM keeps them, and the runner's positions buffer (the op
+    # reads its first T entries); captured while nothing is steered
+    inputs = {T: (torch.zeros(T, D, device=DEVICE), torch.zeros(T, D, device=DEVICE)) for T in CAPTURED_SIZES}
+    runner_positions = torch.zeros(MAX_TOKENS, dtype=torch.int64, device=DEVICE)
     table.prepare_step(torch.tensor([0]))
+    steering_op.set_table(table)
+    steering_op._runner = SimpleNamespace(positions=runner_positions)
 
     def run(T):
-        return [table.apply(layer, *inputs[T]) for layer in LAYERS]
+        return [torch.ops.sae_steer.steer_residual(*inputs[T], layer) for layer in LAYERS]
 
     stream = torch.cuda.Stream()  # warm up (Triton compiles) outside the capture, as torch.cuda.graphs asks
     stream.wait_stream(torch.cuda.current_stream())
@@ -58,8 +64,9 @@ def test_captured_steering_follows_table_updates():
         T = min(size for size in CAPTURED_SIZES if size >= n)
         hidden, residual = torch.randn(T, D), torch.randn(T, D)
         positions = torch.cat([positions, torch.full((T - n,), 3)])  # padding: stale positions, no row
-        for buf, new in zip(inputs[T], (hidden, residual, positions)):
+        for buf, new in zip(inputs[T], (hidden, residual)):
             buf.copy_(new)
+        runner_positions[:T].copy_(positions)
         table.prepare_step(qsl)
         graphs[T].replay()
         eager = run(T)
@@ -78,3 +85,5 @@ def test_captured_steering_follows_table_updates():
                 torch.testing.assert_close(got[seg], want - residual[seg], atol=ATOL, rtol=RTOL)
                 steered += int(not torch.equal(got[seg], hidden[seg]))
     assert steered >= 20, "the history should steer many rows"
+    steering_op.set_table(None)
+    steering_op._runner = None

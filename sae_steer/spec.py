@@ -232,16 +232,24 @@ def parse_telemetry(raw, facts: ModelFacts, where: str = "telemetry", internal: 
     return out
 
 
+CAPTURE_POSITIONS = ("last", "all")
+
+
 def parse_capture(raw, facts: ModelFacts, where: str = "capture") -> dict:
-    """The capture object the HTTP server puts in `extra_args` (observers.CAPTURE_KEY) to build a CAA
-    vector: {"id": ID, "layers": [L, ...]} -> the same dict, validated."""
+    """The capture object put in `extra_args` (observers.CAPTURE_KEY) by the HTTP server to build a CAA
+    vector, or by sae_steer.capture to record activations at scale: {"id": ID, "layers": [L, ...],
+    "positions": "last" (default: the last prompt position) | "all" (every prompt position)}
+    -> the same dict, validated."""
     if not isinstance(raw, dict):
         raise SteeringError(where, f"must be an object, got {type(raw).__name__}")
-    unknown = sorted(str(k) for k in set(raw) - {"id", "layers"})
+    unknown = sorted(str(k) for k in set(raw) - {"id", "layers", "positions"})
     if unknown:
-        raise SteeringError(f"{where}.{unknown[0]}", "unknown field; expected ['id', 'layers']")
+        raise SteeringError(f"{where}.{unknown[0]}", "unknown field; expected ['id', 'layers', 'positions']")
+    positions = raw.get("positions", "last")
+    if positions not in CAPTURE_POSITIONS:
+        raise SteeringError(f"{where}.positions", f"must be one of {list(CAPTURE_POSITIONS)}, got {positions!r}")
     return {"id": check_observer_id(raw.get("id"), f"{where}.id"),
-            "layers": check_capture_layers(raw.get("layers"), facts, f"{where}.layers")}
+            "layers": check_capture_layers(raw.get("layers"), facts, f"{where}.layers"), "positions": positions}
 
 
 def check_capture_layers(layers, facts: ModelFacts, where: str = "layers") -> list[int]:

@@ -9,6 +9,9 @@ names a path. Both cost a host sync, so they run only for rows that asked for th
                the top-k features of the (steered) residual stream -> <id>.telemetry.jsonl
     capture    {"id", "layers"}: the residual stream at the last prompt position, at each layer
                (for building CAA vectors on the served model) -> <id>.L<layer>.safetensors
+               {"id", "layers", "positions": "all"}: at every prompt position (sae_steer.capture,
+               activations at scale), one file per prefill chunk, in the stream's own dtype, with
+               the positions it holds -> <id>.L<layer>.p<first position>.safetensors
 
 The runtime directory is `$SAE_STEER_RUNTIME_DIR` (`sae-steer serve` sets it to a fresh
 `tempfile.mkdtemp` directory that its engine processes inherit) or else `<tmp>/sae-steer-<euid>`.
@@ -133,9 +136,20 @@ def record_telemetry(observer_id: str, positions: list[int], indices: list[list[
 
 
 def record_capture(observer_id: str, layer: int, x: torch.Tensor) -> None:
+    _write_capture(observer_id, layer, f".L{layer}", {"x": x.detach().float().cpu().contiguous()})
+
+
+def record_capture_positions(observer_id: str, layer: int, positions: torch.Tensor, x: torch.Tensor) -> None:
+    """x [n, d] at prompt positions [n] (ascending) of one prefill chunk; a chunk recomputed after
+    preemption rewrites the same positions with the same values."""
+    _write_capture(observer_id, layer, f".L{layer}.p{int(positions[0])}",
+                   {"x": x.detach().cpu().contiguous(), "positions": positions.detach().cpu().to(torch.int64)})
+
+
+def _write_capture(observer_id: str, layer: int, stem: str, tensors: dict[str, torch.Tensor]) -> None:
     try:
-        data = save_safetensors({"x": x.detach().float().cpu().contiguous()})
-        final, tmp = _name(observer_id, f".L{layer}.safetensors"), _name(observer_id, f".L{layer}.{os.getpid()}.tmp")
+        data = save_safetensors(tensors)
+        final, tmp = _name(observer_id, f"{stem}.safetensors"), _name(observer_id, f"{stem}.{os.getpid()}.tmp")
         dfd = _dir_fd()
         try:
             os.unlink(tmp, dir_fd=dfd)  # a leftover of an earlier attempt of this process
@@ -196,6 +210,23 @@ def read_capture(observer_id: str, layer: int) -> torch.Tensor | None:
         return None
     with os.fdopen(fd, "rb") as f:
         return load_safetensors(f.read())["x"]
+
+
+def read_capture_positions(observer_id: str, layer: int, n_positions: int) -> torch.Tensor | None:
+    """The stream at prompt positions 0..n_positions-1, [n_positions, d], assembled from the chunk files of
+    a `positions: "all"` capture; None until every position has arrived."""
+    prefix = _name(observer_id, f".L{layer}.p")
+    names = [n for n in os.listdir(_dir_fd()) if n.startswith(prefix) and n.endswith(".safetensors")]
+    out, seen = None, torch.zeros(n_positions, dtype=torch.bool)
+    for name in names:
+        with os.fdopen(_open(name, os.O_RDONLY), "rb") as f:
+            chunk = load_safetensors(f.read())
+        keep = chunk["positions"] < n_positions
+        if out is None:
+            out = torch.empty(n_positions, chunk["x"].shape[-1], dtype=chunk["x"].dtype)
+        out[chunk["positions"][keep]] = chunk["x"][keep]
+        seen[chunk["positions"][keep]] = True
+    return out if out is not None and bool(seen.all()) else None
 
 
 def discard(observer_id: str) -> None:

@@ -319,6 +319,13 @@ class SteeringTable:
                                                top.values.tolist())
             capture = observe.get("capture")
             if capture and layer in capture["layers"]:
-                last = (pos == plen - 1).nonzero()
-                if len(last):
-                    observers.record_capture(capture["id"], layer, (hidden[seg] + residual[seg])[int(last[0, 0])])
+                if capture.get("positions") == "all":  # every prompt position of this chunk
+                    prompt = (pos < plen).nonzero().flatten()
+                    if len(prompt):
+                        observers.record_capture_positions(capture["id"], layer, pos[prompt],
+                                                           (hidden[seg] + residual[seg])[prompt])
+                else:
+                    last = (pos == plen - 1).nonzero()
+                    if len(last):
+                        observers.record_capture(capture["id"], layer,
+                                                 (hidden[seg] + residual[seg])[int(last[0, 0])])

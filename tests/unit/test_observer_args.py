@@ -25,6 +25,8 @@ BAD_CAPTURE = [
     ({"id": ID, "layers": [0]}, f"{C}.layers[0]"), ({"id": ID, "layers": [1, 7]}, f"{C}.layers[1]"),
     ({"id": ID, "layers": [True]}, f"{C}.layers"), ({"id": ID, "layers": ["1"]}, f"{C}.layers"),
     ({"id": ID, "layers": [1] * 50}, f"{C}.layers"), ({"id": ID, "layers": [1], "x": 1}, f"{C}.x"),
+    ({"id": ID, "layers": [1], "positions": "first"}, f"{C}.positions"),
+    ({"id": ID, "layers": [1], "positions": ["all"]}, f"{C}.positions"),
 ]
 
 
@@ -45,7 +47,8 @@ def test_bad_capture_names_its_field(raw, field):
 def test_good_objects_come_back_canonical():
     assert parse_telemetry({"sae": "s", "id": ID}, FACTS, T, internal=True) == {"sae": "s", "top_k": 5, "id": ID}
     capture = parse_capture({"id": ID, "layers": [2, 1, 2]}, FACTS, C)
-    assert capture["id"] == ID and capture["layers"] == [1, 2]
+    assert capture["id"] == ID and capture["layers"] == [1, 2] and capture["positions"] == "last"
+    assert parse_capture({"id": ID, "layers": [1], "positions": "all"}, FACTS, C)["positions"] == "all"
 
 
 def test_clients_never_supply_the_id():

@@ -1,0 +1,136 @@
+"""Residual-stream activations at scale: every prompt position of a text corpus, at chosen layers, recorded
+by the engine's own steering op (a `positions: "all"` capture, see vllm_plugin/observers.py) and streamed
+to disk in safetensors shards.
+
+    capture_activations(llm, texts, layers, out_dir, max_tokens_per_text=256) -> manifest (dict)
+
+`llm` is a vLLM `LLM` started with the plugin's settings and the layers steerable
+(`additional_config={"sae_steer": {"layers": [15]}}`). Layer L is the stream after decoder layer L
+(Hugging Face `hidden_states[L + 1]`). Each text is tokenized with the model's tokenizer (its own special
+tokens, e.g. BOS where the model adds one) and cut to `max_tokens_per_text`; texts are run in batches
+(one request each, max_tokens=1, a fresh cache salt so no position is skipped by the prefix cache).
+
+out_dir/shard-00000.safetensors ...   per shard (`shard_tokens` positions, the last one shorter):
+    L<layer>   [n, d_model]  the stream, float16 (or `dtype`)
+    tokens     [n] int32     the token at that position (the stream there has read it)
+    doc        [n] int32     the text's index in `texts`
+    pos        [n] int32     its position in the text
+out_dir/manifest.json                 written last: layers, d_model, dtype, n_tokens, shards, model.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SHARD_TOKENS = 2 ** 16
+
+
+def _say(msg: str) -> None:
+    print(f"[capture] {msg}", file=sys.stderr, flush=True)
+
+
+class ShardWriter:
+    """Buffers rows (per-layer streams + token ids + doc/pos) and writes fixed-size shards."""
+
+    def __init__(self, out_dir: Path, layers: list[int], shard_tokens: int, dtype: torch.dtype):
+        self.out_dir, self.layers, self.shard_tokens, self.dtype = out_dir, layers, shard_tokens, dtype
+        self.buffers: dict[str, list[torch.Tensor]] = {k: [] for k in [f"L{L}" for L in layers] + ["tokens", "doc", "pos"]}
+        self.buffered, self.shards, self.n_tokens = 0, [], 0
+
+    def add(self, acts: dict[int, torch.Tensor], tokens: list[int], doc: int) -> None:
+        n = len(tokens)
+        for L in self.layers:
+            self.buffers[f"L{L}"].append(acts[L].to(self.dtype))
+        self.buffers["tokens"].append(torch.tensor(tokens, dtype=torch.int32))
+        self.buffers["doc"].append(torch.full((n,), doc, dtype=torch.int32))
+        self.buffers["pos"].append(torch.arange(n, dtype=torch.int32))
+        self.buffered += n
+        while self.buffered >= self.shard_tokens:
+            self._write(self.shard_tokens)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._write(self.buffered)
+
+    def _write(self, n: int) -> None:
+        whole = {k: torch.cat(v) for k, v in self.buffers.items()}
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file({k: t[:n].contiguous() for k, t in whole.items()}, str(self.out_dir / name))
+        self.buffers = {k: [t[n:]] for k, t in whole.items()}
+        self.buffered -= n
+        self.n_tokens += n
+        self.shards.append({"file": name, "tokens": n})
+
+
+def capture_activations(llm, texts: list[str], layers: list[int], out_dir: str | Path, *,
+                        max_tokens_per_text: int = 256, shard_tokens: int = SHARD_TOKENS,
+                        dtype: torch.dtype = torch.float16, batch_texts: int = 32, progress: bool = True) -> dict:
+    from vllm import SamplingParams
+
+    from sae_steer.vllm_plugin import observers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # a folder being written has no manifest
+    layers = sorted(set(layers))
+    limit = min(max_tokens_per_text, llm.llm_engine.model_config.max_model_len - 1)
+    tokenizer = llm.get_tokenizer()
+    docs = [(i, tokenizer(t)["input_ids"][:limit]) for i, t in enumerate(texts)]
+    docs = [(i, ids) for i, ids in docs if len(ids) >= 2]
+    total = sum(len(ids) for _, ids in docs)
+    if progress:
+        _say(f"{len(docs)} texts, {total} tokens, layers {layers} -> {out_dir}")
+    writer = ShardWriter(out_dir, layers, shard_tokens, dtype)
+    d_model, start, done = None, time.monotonic(), 0
+    for b in range(0, len(docs), batch_texts):
+        batch = docs[b:b + batch_texts]
+        ids = [f"cap{uuid.uuid4().hex}" for _ in batch]
+        prompts = [{"prompt_token_ids": toks, "cache_salt": cid} for (_, toks), cid in zip(batch, ids)]
+        params = [SamplingParams(max_tokens=1, temperature=0.0, extra_args={
+            observers.CAPTURE_KEY: {"id": cid, "layers": layers, "positions": "all"}}) for cid in ids]
+        try:
+            llm.generate(prompts, params, use_tqdm=False)
+            for (doc, toks), cid in zip(batch, ids):
+                acts = {L: observers.read_capture_positions(cid, L, len(toks)) for L in layers}
+                missing = [L for L, a in acts.items() if a is None]
+                if missing:
+                    raise RuntimeError(f"the engine recorded no activations for text {doc} at layers {missing}: "
+                                       f"are they steerable (sae_steer.layers) and is the engine's worker on "
+                                       f"this host?")
+                d_model = acts[layers[0]].shape[-1]
+                writer.add(acts, toks, doc)
+                done += len(toks)
+        finally:
+            for cid in ids:
+                observers.discard(cid)
+        if progress:
+            rate = done / max(time.monotonic() - start, 1e-9)
+            _say(f"{done}/{total} tokens ({100 * done / max(total, 1):.0f}%), {rate:.0f} tok/s, "
+                 f"{len(writer.shards)} shards written")
+    writer.close()
+    manifest = {"layers": layers, "d_model": d_model, "dtype": str(dtype).removeprefix("torch."),
+                "n_tokens": writer.n_tokens, "n_texts": len(docs), "max_tokens_per_text": limit,
+                "shards": writer.shards, "model": llm.llm_engine.model_config.model,
+                "seconds": round(time.monotonic() - start, 1)}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def load_activations(out_dir: str | Path, layer: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Every captured position of one layer, [n_tokens, d_model], in shard order."""
+    from safetensors import safe_open
+    out_dir = Path(out_dir)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    if layer not in manifest["layers"]:
+        raise ValueError(f"{out_dir} holds layers {manifest['layers']}, not {layer}")
+    parts = []
+    for shard in manifest["shards"]:
+        with safe_open(str(out_dir / shard["file"]), framework="pt") as f:
+            parts.append(f.get_tensor(f"L{layer}").to(dtype))
+    return torch.cat(parts)

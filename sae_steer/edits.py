@@ -59,7 +59,7 @@ def steer_residual(x: torch.Tensor, positions: torch.Tensor, prompt_len: int, la
             sae = saes[iv.sae]
             if sae.layer == layer:
                 delta += feature_edit_delta(sae.to(dtype=torch.float32), x, iv)
-        else:
+        elif isinstance(iv, VectorIntervention):  # `logit` interventions act on the logits, not here
             d = vector_delta(iv, layer, vectors)
             if d is not None:
                 delta += d.float()

@@ -87,12 +87,22 @@ class VectorIntervention(_Strict):
         return self
 
 
-Intervention = Annotated[Union[SaeIntervention, VectorIntervention], Field(discriminator="type")]
+class LogitIntervention(_Strict):
+    """Adds `strength` times feature `feature`'s direct effect on the logits to this request's logits at
+    every sampled token (formula: vllm_plugin/logit_bias.py; `strength` is in logits at the most affected
+    token). It acts on logits, not on the residual stream, so `positions` does not apply to it."""
+    type: Literal["logit"]
+    sae: str
+    feature: int = Field(ge=0)
+    strength: float
+
+
+Intervention = Annotated[Union[SaeIntervention, VectorIntervention, LogitIntervention], Field(discriminator="type")]
 
 
 class Steering(_Strict):
     interventions: list[Intervention] = Field(min_length=1)
-    positions: Literal["all", "prompt", "generated"] = "all"
+    positions: Literal["all", "prompt", "generated"] = "all"  # residual-stream edits only (not `logit`)
 
     def fingerprint(self) -> str:
         """Stable hash of everything that changes the forward pass (cache salt, slot sharing)."""
@@ -120,6 +130,7 @@ class ModelFacts:
     vectors: dict[str, frozenset[int]] = field(default_factory=dict)  # name -> its layers
     max_interventions: int = 64
     max_abs_value: float = 1e4  # |strength|, |value|, |factor|, |coef|, |above|, |values[i]|
+    logit_refusal: str | None = None  # why this engine refuses `logit` interventions (None: it serves them)
 
 
 def _path(loc) -> str:
@@ -127,7 +138,7 @@ def _path(loc) -> str:
     for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif i > 0 and isinstance(loc[i - 1], int) and part in ("sae", "vector"):
+        elif i > 0 and isinstance(loc[i - 1], int) and part in ("sae", "vector", "logit"):
             continue  # pydantic's discriminator tag after a list index, not a field the user wrote
         else:
             out += f".{part}"
@@ -163,6 +174,17 @@ def _check_number(x: float | None, where: str, limit: float) -> None:
 
 def _check_intervention(iv, where: str, facts: ModelFacts) -> None:
     lim = facts.max_abs_value
+    if isinstance(iv, LogitIntervention):
+        if facts.logit_refusal is not None:
+            raise SteeringError(f"{where}.type", facts.logit_refusal)
+        sae = facts.saes.get(iv.sae)
+        if sae is None:
+            raise SteeringError(f"{where}.sae", f"unknown SAE {iv.sae!r}; registered: {sorted(facts.saes)}")
+        if iv.feature >= sae.d_sae:
+            raise SteeringError(f"{where}.feature", f"feature {iv.feature} is out of range for SAE "
+                                                     f"{iv.sae!r} (d_sae={sae.d_sae})")
+        _check_number(iv.strength, f"{where}.strength", lim)
+        return
     if isinstance(iv, SaeIntervention):
         sae = facts.saes.get(iv.sae)
         if sae is None:

@@ -18,8 +18,10 @@ def _hf_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def hf_greedy(artifacts, prompt_ids: list[int], steering: dict | None, max_tokens: int):
-    """-> (generated token ids, log-probabilities of the first generated step [vocab])."""
+def hf_greedy(artifacts, prompt_ids: list[int], steering: dict | None, max_tokens: int,
+              logit_bias: torch.Tensor | None = None):
+    """-> (generated token ids, log-probabilities of the first generated step [vocab]).
+    logit_bias [vocab] is added to the logits before each greedy choice (not to the log-probabilities)."""
     model = _hf_model(str(artifacts.model))
     parsed = Steering.model_validate(steering) if steering else None
     saes = {n: load_sae(p) for n, p in artifacts.saes.items()}
@@ -41,7 +43,7 @@ def hf_greedy(artifacts, prompt_ids: list[int], steering: dict | None, max_token
                 logits = model(torch.tensor([seq])).logits[0, -1].float()
                 if first is None:
                     first = torch.log_softmax(logits, -1)
-                seq.append(int(logits.argmax()))
+                seq.append(int((logits if logit_bias is None else logits + logit_bias).argmax()))
     finally:
         for h in handles:
             h.remove()

@@ -32,6 +32,15 @@ import torch
 
 
 @dataclass(frozen=True)
+class Head:
+    """Where a family keeps its final norm and unembedding (logit steering: vllm_plugin/logit_bias.py)."""
+    final_norm: str = "model.norm"  # attribute path in vLLM's top-level model
+    hf_final_norm: str = "model.norm"  # the same norm in the Hugging Face model
+    norm: str = "rms"  # rms: gain w; rms1p: gain 1 + w (Gemma); layer: LayerNorm (centers; gain w)
+    unembed: str = "lm_head"  # vLLM module whose `weight` is the unembedding [vocab (padded), d_model]
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     architectures: tuple[str, ...]  # Hugging Face `architectures` in config.json
@@ -39,6 +48,7 @@ class Family:
     stream: str  # "pair" or "full" (see the module docstring)
     hf_blocks: str  # the same blocks in the Hugging Face model (the layer convention's definition)
     saes: str  # public SAE releases used with this family (README)
+    head: Head = Head()
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -51,15 +61,18 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen3", ("Qwen3ForCausalLM",), "model.layers", "pair", "model.layers",
            "sparsify transcoders and SAEs on Qwen3"),
     Family("Gemma2", ("Gemma2ForCausalLM",), "model.layers", "pair", "model.layers",
-           "Gemma Scope (gemma-2-2b, gemma-2-9b), SAELens gemma-scope-*"),
+           "Gemma Scope (gemma-2-2b, gemma-2-9b), SAELens gemma-scope-*",
+           Head(norm="rms1p", unembed="model.embed_tokens")),
     Family("Gemma3", ("Gemma3ForCausalLM",), "model.layers", "pair", "model.layers",
-           "Gemma Scope 2 (Gemma 3 text models)"),
+           "Gemma Scope 2 (Gemma 3 text models)", Head(norm="rms1p")),
     Family("Phi3", ("Phi3ForCausalLM",), "model.layers", "pair", "model.layers",
            "community SAEs on Phi-3-mini"),
     Family("GPT2", ("GPT2LMHeadModel",), "transformer.h", "full", "transformer.h",
-           "SAELens gpt2-small-res-jb (resid_pre: layers 0-11 -> our -1..10), OpenAI gpt2-small SAEs, tokenized SAEs"),
+           "SAELens gpt2-small-res-jb (resid_pre: layers 0-11 -> our -1..10), OpenAI gpt2-small SAEs, tokenized SAEs",
+           Head("transformer.ln_f", "transformer.ln_f", "layer")),
     Family("GPTNeoX", ("GPTNeoXForCausalLM",), "model.layers", "full", "gpt_neox.layers",
-           "EleutherAI sparsify and dictionary_learning dictionaries on Pythia"),
+           "EleutherAI sparsify and dictionary_learning dictionaries on Pythia",
+           Head("model.final_layer_norm", "gpt_neox.final_layer_norm", "layer")),
 )
 
 _BY_ARCHITECTURE = {a: f for f in FAMILIES for a in f.architectures}

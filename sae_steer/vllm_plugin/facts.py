@@ -6,6 +6,7 @@ processor (see `frontend.py`); workers compute the same facts from their own con
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -30,7 +31,16 @@ def facts_for(config) -> ModelFacts | None:
     require_complete()
     adapters.family_of(config.model_config.architectures)  # an unknown family is refused by name
     model = config.model_config
-    return _facts(json.dumps(raw, sort_keys=True), model.get_hidden_size(), model.get_total_num_hidden_layers())
+    facts = _facts(json.dumps(raw, sort_keys=True), model.get_hidden_size(), model.get_total_num_hidden_layers())
+    parallel = config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        # Logit steering reads the whole unembedding in the worker; a sharded or last-stage-only LM head
+        # would need collectives that are not written (yet).
+        return dataclasses.replace(facts, logit_refusal=(
+            f"logit interventions need tensor and pipeline parallel size 1 (this engine runs "
+            f"{parallel.tensor_parallel_size} x {parallel.pipeline_parallel_size}); steer the residual stream "
+            f"with a `sae` intervention instead"))
+    return facts
 
 
 @functools.lru_cache(maxsize=8)

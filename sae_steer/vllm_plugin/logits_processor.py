@@ -4,8 +4,10 @@
   against the served model; a ValueError fails that request only (HTTP 400 online).
 - `__init__` (worker): loads the registry and allocates the SteeringTable that the in-model op reads.
 - `update_state` (worker, before each forward): maps persistent-batch rows to steering slots.
-- `apply`: logits are untouched (steering happens in the residual stream), so the processor is
-  argmax-invariant and changes nothing for unsteered requests.
+- `apply`: adds the logit biases of requests with `logit` interventions (logit_bias.py) and returns
+  at once when the batch has none, so unsteered rows are never touched. An engine with registered
+  SAEs may receive such requests, so its processor is not argmax-invariant (vLLM skips argmax-invariant
+  processors for greedy requests); without SAEs it is, and `apply` is never needed for greedy rows.
 
 vLLM loads every `vllm.logits_processors` entry point into every engine, and Model Runner V2
 refuses classes that do not subclass its own LogitsProcessor. So that merely having sae-steer
@@ -25,8 +27,9 @@ except ImportError:  # pragma: no cover - older vLLM: V1 only
     V2LogitsProcessor = object
 
 from sae_steer.registry import Registry
-from sae_steer.spec import SteeringError, parse_capture, parse_steering, parse_telemetry
-from sae_steer.vllm_plugin import engine_config, facts, observers, steering_op
+from sae_steer.spec import LogitIntervention, SteeringError, parse_capture, parse_steering, parse_telemetry
+from sae_steer.vllm_plugin import adapters, engine_config, facts, observers, steering_op
+from sae_steer.vllm_plugin.logit_bias import LogitBias, head_of_vllm
 from sae_steer.vllm_plugin import install_worker_hooks
 from sae_steer.vllm_plugin.table import SteeringTable
 
@@ -35,6 +38,18 @@ logger = logging.getLogger("vllm.sae_steer")
 
 def _steering_arg(params):
     return (params.extra_args or {}).get("steering") if params is not None else None
+
+
+def _split(steering):
+    """-> (the residual-stream part for the SteeringTable or None, the logit part as a LogitBias key or None)."""
+    if steering is None:
+        return None, None
+    logit = [iv for iv in steering.interventions if isinstance(iv, LogitIntervention)]
+    if not logit:
+        return steering, None
+    residual = [iv for iv in steering.interventions if not isinstance(iv, LogitIntervention)]
+    key = tuple((iv.sae, iv.feature, iv.strength) for iv in logit)
+    return (steering.model_copy(update={"interventions": residual}) if residual else None), key
 
 
 def _observe_arg(params) -> dict | None:
@@ -94,6 +109,7 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         # V1 calls (vllm_config, device, is_pin_memory); V2 calls (vllm_config, req_states).
         self.facts = facts.facts_for(vllm_config)
         self.table = None
+        self.logit = None  # LogitBias, when this engine serves logit interventions
         if is_pin_memory is None:
             if self.facts is not None:
                 raise RuntimeError("sae-steer steers through vLLM's V1 model runner, but this engine runs Model "
@@ -117,22 +133,34 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
                                    max_edits=self.facts.max_interventions, d_model=self.facts.d_model, device=device,
                                    graph_safe=engine_config.full_graphs(vllm_config))
         steering_op.set_table(self.table)
+        if registry.saes and self.facts.logit_refusal is None:
+            self.registry = registry
+            self.family = adapters.family_of(vllm_config.model_config.architectures)
+            self.vocab = vllm_config.model_config.get_vocab_size()
+            self.logit = LogitBias(vllm_config.scheduler_config.max_num_seqs, self.vocab, device)
+            self._head = None  # the model's unembedding and final norm, read after it is loaded
+        elif registry.saes:
+            logger.warning("sae-steer: this engine refuses logit interventions: %s", self.facts.logit_refusal)
         logger.info("sae-steer: steering %d SAE(s), %d vector(s) at layers %s (V1 model runner, cudagraph mode %s%s)",
                     len(registry.saes), len(registry.vectors), sorted(self.facts.steerable_layers),
                     compilation.cudagraph_mode.name if compilation.cudagraph_mode is not None else "NONE",
                     ", graph-safe table" if self.table.graph_safe else "")
 
     def is_argmax_invariant(self) -> bool:
-        return True
+        return self.logit is None
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if self.table is None or batch_update is None:
             return
-        added = []
+        added, logit_added = [], []
         for row, params, prompt_ids, _output_ids in batch_update.added:
-            added.append((row, self._parse(params), len(prompt_ids or ()), _observe_arg(params)))
+            residual, logit_key = _split(self._parse(params))
+            added.append((row, residual, len(prompt_ids or ()), _observe_arg(params)))
+            logit_added.append((row, logit_key))
         moved = [(a, b, d == MoveDirectionality.SWAP) for a, b, d in batch_update.moved]
         self.table.update(added, list(batch_update.removed), moved)
+        if self.logit is not None:
+            self.logit.update(logit_added, list(batch_update.removed), moved, self._logit_bias)
 
     def _parse(self, params):
         steering = _steering_arg(params)
@@ -142,8 +170,15 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         # plain data crosses the process boundary.
         return parse_steering(steering, self.facts)
 
+    def _logit_bias(self, key) -> torch.Tensor:
+        """The bias row of a logit steering key ((sae, feature, strength), ...): computed once per distinct key."""
+        if self._head is None:  # the model is loaded by now: update_state runs before each forward
+            self._head = head_of_vllm(steering_op._runner.get_model(), self.family, self.vocab)
+        directions = torch.stack([self.registry.saes[sae].W_dec[feature] for sae, feature, _ in key])
+        return self._head.bias(directions, [strength for _, _, strength in key])
+
     def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
-        return logits
+        return logits if self.logit is None else self.logit.apply(logits)
 
     # ---- Model Runner V2 (only ever inert: see the module docstring) ----
 

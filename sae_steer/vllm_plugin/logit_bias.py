@@ -1,0 +1,192 @@
+"""Logit-space feature steering: the direct effect of SAE features on the logits, and the batched
+per-request bias state that the logits processor adds to each step's logits.
+
+The formula. For feature i of an SAE, u = W_dec[i] [d_model]; the model's final norm has gain g
+[d_model] (RMSNorm: g = w; Gemma's RMSNorm: g = 1 + w; LayerNorm: g = w, and u is centered first,
+u <- u - mean(u), since LayerNorm removes the mean); W_U [vocab, d_model] is the unembedding:
+
+    l_i     = W_U (g * u)                        [vocab]  the feature's logit-lens direction
+    e_i     = l_i / max_v |l_i[v]|               [vocab]  its unit direct effect
+    bias    = sum_j strength_j * e_(i_j)         over the request's logit interventions
+    logits' = logits + bias                      at every sampled token of that request
+
+so `strength` is in logits: the token the feature moves most moves by exactly |strength|
+(up for positive strength when that token is promoted), every other token in proportion.
+
+Why this and not the exact change of the logits: the final norm is nonlinear. Adding s*u to the
+final residual stream x changes the logits by W_U (g * ((x + s u)/sigma(x + s u) - x/sigma(x))),
+which depends on x. To first order in s, and dropping the component along x (small for a
+direction unrelated to x in high dimension), that is (s / sigma(x)) W_U (g * u): the direction
+l_i at every token, only its size varies with the token, through 1/sigma(x). A logits processor
+sees logits, not x, so the size is fixed by the normalization instead; exactly, the bias is what
+adding (strength / max|l_i|) * u to the normalized stream x/sigma(x), before the gain, does.
+The result does not depend on |W_dec[i]| or the SAE's scale, so strengths compare across
+features and models, and the ranking of tokens is the logit lens of `sae_steer.features`.
+"Direct" means the path straight from the stream to the unembedding: what the feature would do
+through later layers is residual steering's business. Models whose logits are soft-capped
+(Gemma 2) get the bias after the cap, on the logits the sampler sees. vLLM runs this before
+temperature, penalties and top-k/p (like OpenAI's logit_bias), so temperature scales it too.
+
+Batched state (LogitBias): one bias row per distinct logit steering among live requests, in a
+table [max_rows, vocab] preallocated at startup (distinct steerings <= live rows, so it never
+runs out; float32, max_num_seqs * vocab * 4 bytes: 6 MiB for 32 rows of SmolLM2's 49,152 tokens).
+A row is computed once when its first request is added (update) and shared by identical ones;
+`apply` adds the rows of the steered requests with one index_add_, and returns at once when no
+request in the batch has logit steering, so unsteered rows are never touched.
+
+This module has no vLLM import: the logits processor translates vLLM's BatchUpdate.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+
+from sae_steer.vllm_plugin.adapters import Family
+
+# Rows of W_U converted to float32 at a time: bounded memory for large vocabularies.
+_VOCAB_CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class LogitHead:
+    """The served model's unembedding [vocab, d_model] and final-norm gain [d_model] (any dtype)."""
+    unembed: torch.Tensor
+    gain: torch.Tensor
+    centered: bool  # LayerNorm: the mean of a direction is removed before the gain
+
+    def logit_lens(self, directions: torch.Tensor) -> torch.Tensor:
+        """directions [k, d_model] -> l = W_U (g * u) per direction, [k, vocab] float32."""
+        u = directions.float().to(self.unembed.device)
+        if self.centered:
+            u = u - u.mean(dim=-1, keepdim=True)
+        h = (u * self.gain.float()).T  # [d_model, k]
+        out = torch.empty(u.shape[0], self.unembed.shape[0], dtype=torch.float32, device=u.device)
+        for start in range(0, self.unembed.shape[0], _VOCAB_CHUNK):
+            out[:, start:start + _VOCAB_CHUNK] = (self.unembed[start:start + _VOCAB_CHUNK].float() @ h).T
+        return out
+
+    def unit_effects(self, directions: torch.Tensor) -> torch.Tensor:
+        """[k, d_model] -> e = l / max|l| per direction, [k, vocab] (a zero direction gives zeros)."""
+        lens = self.logit_lens(directions)
+        return lens / lens.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+    def bias(self, directions: torch.Tensor, strengths: list[float]) -> torch.Tensor:
+        """sum_j strength_j * e_j: the logit bias of one request, [vocab] float32."""
+        effects = self.unit_effects(directions)
+        return torch.tensor(strengths, dtype=torch.float32, device=effects.device) @ effects
+
+
+def _module(root: torch.nn.Module, path: str, what: str) -> torch.nn.Module:
+    try:
+        return operator.attrgetter(path)(root)
+    except AttributeError:
+        raise RuntimeError(f"sae-steer: {type(root).__name__} has no `{path}` ({what}): logit steering "
+                           f"cannot find it (a vLLM change?)") from None
+
+
+def _gain(norm: torch.nn.Module, family: Family) -> torch.Tensor:
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise RuntimeError(f"sae-steer: the final norm of this {family.name} model has no weight tensor")
+    return 1.0 + weight.float() if family.head.norm == "rms1p" else weight
+
+
+def _head(unembed: torch.Tensor, gain: torch.Tensor, vocab: int, family: Family) -> LogitHead:
+    if not unembed.is_floating_point() or unembed.dim() != 2 or unembed.shape[0] < vocab:
+        raise RuntimeError(f"sae-steer: the unembedding of this {family.name} model is {unembed.dtype} "
+                           f"{tuple(unembed.shape)}, not a float [vocab >= {vocab}, d_model] matrix (quantized?): "
+                           f"logit steering cannot compute feature effects")
+    # vLLM pads the vocabulary of its LM head; the sampler's logits have the first `vocab` columns.
+    return LogitHead(unembed=unembed[:vocab], gain=gain, centered=family.head.norm == "layer")
+
+
+def head_of_vllm(model: torch.nn.Module, family: Family, vocab: int) -> LogitHead:
+    """The LogitHead of a model vLLM has loaded (tensor parallel size 1: the head is not sharded)."""
+    unembed = _module(model, family.head.unembed, "the unembedding")
+    norm = _module(model, family.head.final_norm, "the final norm")
+    return _head(getattr(unembed, "weight", torch.empty(0)), _gain(norm, family), vocab, family)
+
+
+def head_of_hf(model: torch.nn.Module, family: Family) -> LogitHead:
+    """The LogitHead of a Hugging Face transformers causal LM (offline: feature records, references)."""
+    norm = _module(model, family.head.hf_final_norm, "the final norm")
+    unembed = model.get_output_embeddings().weight
+    return _head(unembed, _gain(norm, family), unembed.shape[0], family)
+
+
+class LogitBias:
+    """Per-request logit biases for the rows of vLLM's persistent batch.
+
+    Keys are hashable descriptions of a request's logit steering (equal keys share one bias row);
+    `bias_of(key)` computes that row [vocab] the first time a key is seen among live requests."""
+
+    def __init__(self, max_rows: int, vocab: int, device: torch.device | str):
+        self.table = torch.zeros(max_rows, vocab, dtype=torch.float32, device=device)
+        self._row_slot = [-1] * max_rows  # persistent-batch row -> table row (-1: no logit steering)
+        self._slot_of: dict[Hashable, int] = {}
+        self._key_of: dict[int, Hashable] = {}
+        self._refs = [0] * max_rows
+        self._free = list(range(max_rows - 1, -1, -1))
+        # The steered rows and their table rows, on the device: rebuilt when the batch changes.
+        self._rows = torch.zeros(0, dtype=torch.long, device=device)
+        self._slots = torch.zeros(0, dtype=torch.long, device=device)
+
+    def update(self, added: list[tuple[int, Hashable | None]], removed: list[int],
+               moved: list[tuple[int, int, bool]], bias_of: Callable[[Hashable], torch.Tensor]) -> None:
+        """added: (row, key or None); moved: (a, b, swap). vLLM's order: removed, added, moved; an added
+        or moved-to row replaces whatever the row held."""
+        before = list(self._row_slot)
+        for row in removed:
+            self._release(row)
+        for row, key in added:
+            self._release(row)
+            if key is not None:
+                self._row_slot[row] = self._acquire(key, bias_of)
+        for a, b, swap in moved:
+            if swap:
+                self._row_slot[a], self._row_slot[b] = self._row_slot[b], self._row_slot[a]
+            else:
+                self._release(b)
+                self._row_slot[b], self._row_slot[a] = self._row_slot[a], -1
+        if self._row_slot != before:
+            steered = [(r, s) for r, s in enumerate(self._row_slot) if s >= 0]
+            device = self.table.device
+            self._rows = torch.tensor([r for r, _ in steered], dtype=torch.long).to(device, non_blocking=True)
+            self._slots = torch.tensor([s for _, s in steered], dtype=torch.long).to(device, non_blocking=True)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [num_rows, vocab] float32, in place: steered rows += their bias; others untouched."""
+        if self._rows.numel() == 0:
+            return logits
+        return logits.index_add_(0, self._rows, self.table[self._slots])
+
+    @property
+    def num_steered(self) -> int:
+        """Rows of the batch with logit steering."""
+        return self._rows.numel()
+
+    @property
+    def num_biases(self) -> int:
+        """Distinct bias rows held (one per distinct key among live requests)."""
+        return len(self._slot_of)
+
+    def _acquire(self, key: Hashable, bias_of: Callable[[Hashable], torch.Tensor]) -> int:
+        slot = self._slot_of.get(key)
+        if slot is None:
+            slot = self._free.pop()
+            self.table[slot] = bias_of(key)
+            self._slot_of[key], self._key_of[slot] = slot, key
+        self._refs[slot] += 1
+        return slot
+
+    def _release(self, row: int) -> None:
+        slot, self._row_slot[row] = self._row_slot[row], -1
+        if slot < 0:
+            return
+        self._refs[slot] -= 1
+        if self._refs[slot] == 0:
+            del self._slot_of[self._key_of.pop(slot)]
+            self._free.append(slot)

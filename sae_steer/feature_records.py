@@ -1,0 +1,222 @@
+"""Feature records: what each feature of a fitted SAE fires on and what it writes to the logits, stored beside
+the SAE so that people (and the server's feature routes) can browse and search features.
+
+    records = build_feature_records(sae, activations, token_ids, tokenizer, head, doc_ids=...)
+    save_feature_records(records, sae_dir)            -> sae_dir/features.jsonl
+    book = FeatureRecords.load(sae_dir)               -> book.get(i), book.search("cold")
+    records_from_capture(sae, capture_dir, tokenizer, head)   the same over sae_steer.capture's shards
+
+One JSON object per line, in feature order:
+    {"index": i, "label": "cold, winter -> snow, ice",
+     "frequency": fraction of corpus tokens where the feature is active (> 0),
+     "max_activation": its largest activation,
+     "contexts": [{"activation": a, "tokens": ["...", ...], "at": j}, ...]   top `top_n`, highest first;
+                 tokens[j] is the token where it fired (the stream there has read it), with up to
+                 `context` tokens before it and `after` after it, never crossing a document boundary,
+     "logit_lens": {"top": [["token", e], ...], "bottom": [...]}}
+                 e = the feature's unit direct effect on the logits (vllm_plugin/logit_bias.py):
+                 l = W_U (g * W_dec[i]), e = l / max|l|, so a `logit` intervention of strength s adds
+                 s * e to that token's logit.
+
+Labels are heuristic: the two most common words among the tokens where the feature fired most,
+then the two highest logit-lens tokens that are words. They summarize, they do not explain; a
+human or model-written explanation (a Neuronpedia-style label file, `features.load_labels`) is better.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from sae_steer.sae import SparseAutoencoder
+from sae_steer.vllm_plugin.logit_bias import LogitHead
+
+RECORDS_FILE = "features.jsonl"
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # letters/digits, any script; "don't" is one word
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _chunks(activations, size: int) -> Iterable[torch.Tensor]:
+    if isinstance(activations, torch.Tensor):
+        activations = [activations]
+    for shard in activations:
+        for start in range(0, shard.shape[0], size):
+            yield shard[start:start + size]
+
+
+@torch.no_grad()
+def top_activations(sae: SparseAutoencoder, activations, top_n: int = 8, chunk: int = 1024):
+    """Stream activations ([N, d_model] or shards of it, in order) through the SAE.
+    -> (values [d_sae, top_n], token indices [d_sae, top_n] (-1: fewer than top_n active tokens),
+        active counts [d_sae], N); each feature's highest activations first."""
+    sae = sae.to(dtype=torch.float32)
+    best_val = torch.full((sae.d_sae, top_n), float("-inf"))
+    best_idx = torch.full((sae.d_sae, top_n), -1, dtype=torch.long)
+    active = torch.zeros(sae.d_sae, dtype=torch.long)
+    seen = 0
+    for x in _chunks(activations, chunk):
+        f = sae.encode(x.float()).T  # [d_sae, n]
+        active += (f > 0).sum(dim=1)
+        idx = torch.arange(seen, seen + f.shape[1]).expand_as(f)
+        val, pick = torch.cat([best_val, f], dim=1).topk(top_n, dim=1)
+        best_val, best_idx = val, torch.cat([best_idx, idx], dim=1).gather(1, pick)
+        seen += f.shape[1]
+    best_idx[best_val <= 0] = -1  # an inactive feature has no top context
+    return best_val, best_idx, active, seen
+
+
+def _as_head(unembedding) -> LogitHead:
+    if isinstance(unembedding, LogitHead):
+        return unembedding
+    return LogitHead(unembedding, torch.ones(unembedding.shape[1]), centered=False)  # no final norm given
+
+
+@torch.no_grad()
+def build_feature_records(sae: SparseAutoencoder, activations, token_ids: torch.Tensor, tokenizer, unembedding, *,
+                          doc_ids: torch.Tensor | None = None, top_n: int = 8, context: int = 8, after: int = 2,
+                          lens_k: int = 10, chunk: int = 1024) -> list[dict]:
+    """Records of every feature (module docstring).
+
+    activations: [N, d_model] or an iterable of shards of it, in corpus order (the SAE's layer);
+    token_ids [N]: the token at each position; doc_ids [N]: which document it belongs to (contexts stay
+    inside one); tokenizer: anything with `decode([id])`; unembedding: a LogitHead (`logit_bias.head_of_hf`
+    or `head_of_vllm`: the unembedding with the final norm's gain) or a bare W_U [vocab, d_model]."""
+    token_ids = torch.as_tensor(token_ids).long()
+    values, index, active, n = top_activations(sae, activations, top_n, chunk)
+    if n != token_ids.shape[0]:
+        raise ValueError(f"{n} activations but {token_ids.shape[0]} token ids")
+    tokens = token_ids.tolist()  # plain lists: millions of single-element reads below
+    docs = [0] * n if doc_ids is None else torch.as_tensor(doc_ids).tolist()
+    pieces: dict[int, str] = {}
+
+    def piece(t: int) -> str:
+        if t not in pieces:
+            pieces[t] = tokenizer.decode([t])
+        return pieces[t]
+
+    lens = _logit_lens_tokens(sae, _as_head(unembedding), lens_k, piece)
+    records = []
+    for i in range(sae.d_sae):
+        contexts = []
+        for a, p in zip(values[i].tolist(), index[i].tolist()):
+            if p < 0:
+                continue
+            lo, hi = max(0, p - context), min(n, p + after + 1)
+            span = [q for q in range(lo, hi) if docs[q] == docs[p]]
+            contexts.append({"activation": a, "tokens": [piece(tokens[q]) for q in span],
+                             "at": span.index(p)})
+        record = {"index": i, "frequency": active[i].item() / max(n, 1),
+                  "max_activation": max(values[i, 0].item(), 0.0), "contexts": contexts, "logit_lens": lens[i]}
+        record["label"] = auto_label(record)
+        records.append(record)
+    return records
+
+
+def _logit_lens_tokens(sae: SparseAutoencoder, head: LogitHead, k: int, piece, batch: int = 256) -> list[dict]:
+    out = []
+    for start in range(0, sae.d_sae, batch):
+        effects = head.unit_effects(sae.W_dec[start:start + batch])  # [b, vocab]
+        kk = min(k, effects.shape[1])
+        top, bottom = effects.topk(kk, dim=1), effects.topk(kk, dim=1, largest=False)
+        for row in range(effects.shape[0]):
+            out.append({name: [[piece(t), round(v, 4)] for t, v in zip(r.indices[row].tolist(), r.values[row].tolist())]
+                        for name, r in (("top", top), ("bottom", bottom))})
+    return out
+
+
+def auto_label(record: dict) -> str:
+    """Heuristic: the two most common words where the feature fired most, then its two top logit-lens words."""
+    fired = collections.Counter(w for c in record["contexts"] for w in words(c["tokens"][c["at"]]))
+    reads = [w for w, _ in fired.most_common(2)]
+    writes = []
+    for token, _ in record["logit_lens"]["top"]:
+        for w in words(token):
+            if w not in writes and len(writes) < 2:
+                writes.append(w)
+    if not reads and not writes:
+        return "(no word tokens)"
+    return f"{', '.join(reads) or '?'} -> {', '.join(writes) or '?'}"
+
+
+def save_feature_records(records: list[dict], sae_dir: str | Path) -> Path:
+    path = Path(sae_dir) / RECORDS_FILE
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)  # readers never see a half-written file
+    return path
+
+
+class FeatureRecords:
+    """The records of one SAE, loaded from its folder (or a features.jsonl path)."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+        for i, r in enumerate(records):
+            if r.get("index") != i:
+                raise ValueError(f"feature records are not in feature order at line {i + 1}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureRecords":
+        path = Path(path)
+        if path.is_dir():
+            path = path / RECORDS_FILE
+        with open(path, encoding="utf-8") as f:
+            return cls([json.loads(line) for line in f if line.strip()])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, index: int) -> dict:
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"feature {index} is out of range (d_sae={len(self.records)})")
+        return self.records[index]
+
+    def search(self, word: str, limit: int = 10) -> list[dict]:
+        """Features whose records mention `word` (case-insensitive, whole words), best first:
+        score = 3 per top context firing on the word + 1 per top context containing it elsewhere
+        + 2 per top logit-lens token that is the word. -> [{"index", "label", "score"}]."""
+        target = words(word)
+        if len(target) != 1:
+            raise ValueError(f"search for one word, got {word!r}")
+        target = target[0]
+        hits = []
+        for r in self.records:
+            score = 0
+            for c in r["contexts"]:
+                if target in words(c["tokens"][c["at"]]):
+                    score += 3
+                elif target in words("".join(c["tokens"])):
+                    score += 1
+            score += 2 * sum(target in words(token) for token, _ in r["logit_lens"]["top"])
+            if score:
+                hits.append({"index": r["index"], "label": r["label"], "score": score})
+        hits.sort(key=lambda h: (-h["score"], h["index"]))
+        return hits[:limit]
+
+
+def records_from_capture(sae: SparseAutoencoder, capture_dir: str | Path, tokenizer, unembedding, **options) -> list[dict]:
+    """build_feature_records over the shards of sae_steer.capture at the SAE's layer, one shard in memory at a time."""
+    from safetensors import safe_open
+
+    from sae_steer.capture import load_field
+    capture_dir = Path(capture_dir)
+    manifest = json.loads((capture_dir / "manifest.json").read_text())
+    if sae.layer not in manifest["layers"]:
+        raise ValueError(f"{capture_dir} holds layers {manifest['layers']}, the SAE reads layer {sae.layer}")
+
+    def shards():
+        for shard in manifest["shards"]:
+            with safe_open(str(capture_dir / shard["file"]), framework="pt") as f:
+                yield f.get_tensor(f"L{sae.layer}")
+
+    return build_feature_records(sae, shards(), load_field(capture_dir, "tokens"), tokenizer, unembedding,
+                                 doc_ids=load_field(capture_dir, "doc"), **options)

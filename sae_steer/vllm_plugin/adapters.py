@@ -128,4 +128,3 @@ def attach(block: torch.nn.Module, layer: int, family: Family) -> None:
             return (steered, *out[1:]) if isinstance(out, tuple) else steered
 
     block.forward = steered_forward
-    block.sae_steer_layer = layer

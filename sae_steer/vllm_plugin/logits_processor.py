@@ -141,8 +141,9 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
             self._head = None  # the model's unembedding and final norm, read after it is loaded
         elif registry.saes:
             logger.warning("sae-steer: this engine refuses logit interventions: %s", self.facts.logit_refusal)
-        logger.info("sae-steer: steering %d SAE(s), %d vector(s) at layers %s (V1 model runner, cudagraph mode %s%s)",
-                    len(registry.saes), len(registry.vectors), sorted(self.facts.steerable_layers),
+        logger.info("sae-steer: steering %d SAE(s), %d vector(s) at layers %s, %.1f MB held on %s (V1 model runner, "
+                    "cudagraph mode %s%s)", len(registry.saes), len(registry.vectors),
+                    sorted(self.facts.steerable_layers), self.table.nbytes / 2**20, device,
                     compilation.cudagraph_mode.name if compilation.cudagraph_mode is not None else "NONE",
                     ", graph-safe table" if self.table.graph_safe else "")
 

@@ -23,6 +23,7 @@ processor's __init__), and is inert for runners of engines that have none.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 
@@ -111,8 +112,8 @@ def verify(runner) -> None:
     logger.info("sae-steer: startup check passed: the steering op ran at layers %s", layers)
 
 
-def _after(cls, name: str, hook) -> None:
-    """Wrap cls.<name> so that hook(self) runs after it (once per class, idempotent)."""
+def _wrap(cls, name: str, *, after=None, around=None) -> None:
+    """Wrap cls.<name>: after(self) runs after it, or it runs inside the context around(self) (once per class)."""
     original = cls.__dict__.get(name)
     if original is None:
         raise LookupError(f"{cls.__module__}.{cls.__qualname__}.{name}")
@@ -121,8 +122,10 @@ def _after(cls, name: str, hook) -> None:
 
     @functools.wraps(original)
     def wrapped(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        hook(self)
+        with around(self) if around else contextlib.nullcontext():
+            result = original(self, *args, **kwargs)
+        if after:
+            after(self)
         return result
 
     wrapped._sae_steer_wrapped = True
@@ -134,12 +137,25 @@ def _prepare_step(runner) -> None:
         _table.prepare_step(runner.query_start_loc.cpu[: runner.input_batch.num_reqs + 1])
 
 
+@contextlib.contextmanager
+def _worst_case(runner):
+    """vLLM's profiling run: the table takes its widest path (see SteeringTable.worst_case)."""
+    table = _table if runner is _runner else None
+    if table is not None:
+        table.worst_case = True
+    try:
+        yield
+    finally:
+        if table is not None:
+            table.worst_case = False
+
+
 def _verify_worker(worker) -> None:
     verify(worker.model_runner)
 
 
 def install_worker_hooks() -> None:
-    """Wrap the V1 runner's load / input preparation and the worker's warm-up. Raises ImportError or
+    """Wrap the V1 runner's load / input preparation / memory profiling and the worker's warm-up. Raises ImportError or
     LookupError naming the missing piece when vLLM has moved one (the caller refuses to steer)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.gpu_worker import Worker
@@ -153,8 +169,9 @@ def install_worker_hooks() -> None:
         pass
     for cls in runners:
         if "load_model" in cls.__dict__:
-            _after(cls, "load_model", attach_to_model)
-    _after(GPUModelRunner, "_prepare_inputs", _prepare_step)
+            _wrap(cls, "load_model", after=attach_to_model)
+    _wrap(GPUModelRunner, "_prepare_inputs", after=_prepare_step)
+    _wrap(GPUModelRunner, "profile_run", around=_worst_case)
     for cls in workers:
         if "compile_or_warm_up_model" in cls.__dict__:
-            _after(cls, "compile_or_warm_up_model", _verify_worker)
+            _wrap(cls, "compile_or_warm_up_model", after=_verify_worker)

@@ -40,7 +40,7 @@ body runs (eager, or the op as a graph split point), never inside a graph being 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -82,6 +82,11 @@ class LayerDictionary:
         self.mag_scale = torch.cat(mag_scale + [zero])
         self.mag_bias = torch.cat(mag_bias + [zero])
 
+    def share_weights(self, saes: dict[str, SparseAutoencoder]) -> dict[str, SparseAutoencoder]:
+        """The SAEs packed here, with W_enc / W_dec as views of the packed enc / dec (no second copy)."""
+        return {name: replace(saes[name], W_enc=self.enc[lo:lo + saes[name].d_sae].T,
+                              W_dec=self.dec[lo:lo + saes[name].d_sae]) for name, lo in self.offset.items()}
+
     @property
     def params(self) -> tuple[torch.Tensor, ...]:
         """The activation's packed parameters, in the kernels' argument order."""
@@ -105,6 +110,8 @@ class SteeringTable:
         self.layer_index = {L: i for i, L in enumerate(self.layers)}
         self.dictionaries = [LayerDictionary({n: s for n, s in registry.saes.items() if s.layer == L}, d_model, device)
                              for L in self.layers]
+        for dictionary in self.dictionaries:  # hold every SAE's weights once: the registry's become views
+            registry.saes.update(dictionary.share_weights(registry.saes))
         n_layers, n_slots, self.max_edits = len(self.layers), max_rows + 1, max_edits
         i64 = dict(dtype=torch.int64, device=device)
         f32 = dict(dtype=torch.float32, device=device)
@@ -137,8 +144,21 @@ class SteeringTable:
         self.layer_live = [False] * n_layers  # per layer: does any live slot touch it
         self.topk_live: list[set[str]] = [set() for _ in self.layers]
         self.graph_safe = graph_safe
+        # Set by the plugin during vLLM's memory-profiling run, which has no requests: the step then takes
+        # the widest path (full table width, every TopK SAE encoded full-width), so the KV cache that vLLM
+        # sizes from that run leaves room for what steering allocates inside the forward.
+        self.worst_case = False
         # The Triton kernel: on CUDA; tests also turn it on under TRITON_INTERPRET to check the wiring.
         self.fused = HAS_TRITON and torch.device(device).type == "cuda"
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory held: the packed SAEs (the registry's weights are views of them), the slot tables
+        and the registered vectors."""
+        tensors = [t for d in self.dictionaries for t in (d.enc, d.dec, *d.params)]
+        tensors += [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        tensors += [v for per_layer in self.registry.vectors.values() for v in per_layer.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---- bookkeeping: called from the logits processor's update_state, before the forward ----
 
@@ -270,7 +290,7 @@ class SteeringTable:
         contents (this is what a captured graph replays)."""
         li = self.layer_index[layer]
         dic = self.dictionaries[li]
-        if self.graph_safe:
+        if self.graph_safe or self.worst_case:
             E, topk = self.max_edits, dic.topk
         elif not self.layer_live[li]:
             return hidden.clone()

@@ -132,3 +132,34 @@ def test_slots_are_shared_by_fingerprint_and_released():
     assert table._row_slot[0] != 0 and table._row_slot[1] == 0 and len(table._slots) == 1
     table.update([], [0], [])
     assert not table._slots and not any(table.layer_live)
+
+
+def test_the_table_holds_each_sae_once():
+    """The registry's SAE weights become views of the table's packed dictionaries: one copy in memory."""
+    reg = registry()
+    table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=4, d_model=D,
+                          device=torch.device("cpu"))
+    fresh = registry()
+    for name, sae in reg.saes.items():
+        dictionary = table.dictionaries[table.layer_index[sae.layer]]
+        for weight, packed in ((sae.W_enc, dictionary.enc), (sae.W_dec, dictionary.dec)):
+            assert weight.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr(), name
+        assert torch.equal(sae.W_enc, fresh.saes[name].W_enc) and torch.equal(sae.W_dec, fresh.saes[name].W_dec)
+        x = torch.randn(5, D)
+        assert torch.allclose(sae.encode(x), fresh.saes[name].encode(x), atol=1e-6), name
+
+
+def test_the_profiling_run_takes_the_widest_path(monkeypatch):
+    """With no request in the batch, the worst-case flag still encodes every TopK SAE full-width (what vLLM's
+    memory profiling must see), and steers nothing."""
+    import sae_steer.vllm_plugin.table as table_module
+    encoded = []
+    real = table_module.topk_segment
+    monkeypatch.setattr(table_module, "topk_segment", lambda *a, **k: encoded.append(a[0].shape) or real(*a, **k))
+    table = SteeringTable(registry(), LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=4, d_model=D,
+                          device=torch.device("cpu"))
+    hidden, residual, positions = torch.randn(MAX_TOKENS, D), torch.randn(MAX_TOKENS, D), torch.arange(MAX_TOKENS)
+    assert torch.equal(table.apply(2, hidden, residual, positions), hidden) and not encoded  # nothing live: skipped
+    table.worst_case = True
+    assert torch.equal(table.apply(2, hidden, residual, positions), hidden)
+    assert encoded == [hidden.shape], "the TopK SAEs of layer 2 were encoded over every token"

@@ -68,3 +68,52 @@ def test_logit_steering_matches_the_reference_in_a_mixed_batch(artifacts):
     # the logit bias alone changes greedy output the way the reference says, not by chance
     unbiased, _ = hf_greedy(artifacts, prompts[1], None, MAX_TOKENS)
     assert unbiased == list(plain[1].token_ids) != list(mixed[1].token_ids)
+
+
+# Other families: where the unembedding and final norm are (adapters.Head), and the norm's kind.
+# family: (Hugging Face final norm, its gain from the weight, whether the direction is centered first)
+HEADS = {"gpt2": ("transformer.ln_f", lambda w: w, True), "gemma2": ("model.norm", lambda w: 1 + w, False),
+         "gemma3": ("model.norm", lambda w: 1 + w, False), "gpt_neox": ("gpt_neox.final_layer_norm", lambda w: w, True)}
+
+
+@pytest.mark.parametrize("family", sorted(HEADS))
+def test_logit_steering_in_other_families(family, tmp_path):
+    import operator
+
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM
+
+    from sae_steer.formats import save_sae
+    from sae_steer.tiny_model import build_tiny_model, random_sae
+
+    model_dir = build_tiny_model(tmp_path / family, family, layers=2)
+    sae = random_sae(128, 32, 0, "relu", seed=3)
+    sae_dir = save_sae(sae, tmp_path / "sae")
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    norm_path, gain_of, centered = HEADS[family]
+    W_U = hf.get_output_embeddings().weight.detach()
+    g = gain_of(operator.attrgetter(norm_path)(hf).weight.detach())
+    u = sae.W_dec[5] - sae.W_dec[5].mean() if centered else sae.W_dec[5]
+    lens = W_U @ (g * u)
+    bias = 8.0 * lens / lens.abs().max()
+
+    def greedy(p, with_bias):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(MAX_TOKENS):
+                logits = hf(torch.tensor([seq])).logits[0, -1]
+                seq.append(int((logits + bias if with_bias else logits).argmax()))
+        return seq[len(p):]
+
+    prompts = [prompt(800, 9), prompt(801, 12)]
+    # the references first: vLLM's Transformers backend (GPT-NeoX) patches the Hugging Face classes it runs
+    unsteered, steered, unbiased = greedy(prompts[0], False), greedy(prompts[1], True), greedy(prompts[1], False)
+    assert steered != unbiased
+    llm = LLM(model=str(model_dir), enforce_eager=True, dtype="float32", max_model_len=256, seed=0, block_size=32,
+              max_num_seqs=8, additional_config={"sae_steer": {"saes": {"s": str(sae_dir)}}})
+    try:
+        out = run(llm, prompts, [None, {"interventions": [logit("s", 5, 8.0)]}], MAX_TOKENS)
+    finally:
+        close(llm)
+    assert list(out[0].token_ids) == unsteered
+    assert list(out[1].token_ids) == steered

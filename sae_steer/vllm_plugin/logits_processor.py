@@ -118,6 +118,7 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
             return
         device = device_or_req_states
         steering_op.set_table(None)  # never steer with a table left by an earlier engine in this process
+        steering_op.on_model_loaded = None
         if self.facts is None:
             return
         # Only engines that ask for steering wire the op into the worker (see vllm_plugin/__init__.py).
@@ -138,7 +139,8 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
             self.family = adapters.family_of(vllm_config.model_config.architectures)
             self.vocab = vllm_config.model_config.get_vocab_size()
             self.logit = LogitBias(vllm_config.scheduler_config.max_num_seqs, self.vocab, device)
-            self._head = None  # the model's unembedding and final norm, read after it is loaded
+            self._head = None  # the model's unembedding and final norm: read right after the model is loaded,
+            steering_op.on_model_loaded = self._read_head  # so an unreadable head refuses the engine at startup
         elif registry.saes:
             logger.warning("sae-steer: this engine refuses logit interventions: %s", self.facts.logit_refusal)
         logger.info("sae-steer: steering %d SAE(s), %d vector(s) at layers %s, %.1f MB held on %s (V1 model runner, "
@@ -171,10 +173,11 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         # plain data crosses the process boundary.
         return parse_steering(steering, self.facts)
 
+    def _read_head(self, model: torch.nn.Module) -> None:
+        self._head = head_of_vllm(model, self.family, self.vocab)
+
     def _logit_bias(self, key) -> torch.Tensor:
         """The bias row of a logit steering key ((sae, feature, strength), ...): computed once per distinct key."""
-        if self._head is None:  # the model is loaded by now: update_state runs before each forward
-            self._head = head_of_vllm(steering_op._runner.get_model(), self.family, self.vocab)
         directions = torch.stack([self.registry.saes[sae].W_dec[feature] for sae, feature, _ in key])
         return self._head.bias(directions, [strength for _, _, strength in key])
 

@@ -38,6 +38,8 @@ _table = None
 _runner = None
 # Calls of the op's body per layer since the model was loaded: the startup check reads them.
 calls: collections.Counter = collections.Counter()
+# Run with the loaded model (before warm-up): the logits processor reads the unembedding for logit steering.
+on_model_loaded = None
 
 
 def set_table(table) -> None:
@@ -83,6 +85,8 @@ def attach_to_model(runner) -> None:
         adapters.attach(blocks[layer], layer, family)
     _runner = runner
     runner.sae_steer_steerable = sorted(facts.steerable_layers)
+    if on_model_loaded is not None:
+        on_model_loaded(runner.get_model())
     calls.clear()
     logger.info("sae-steer: %s family, steering op attached after decoder blocks %s (%s)", family.name,
                 runner.sae_steer_steerable, type(blocks[0]).__name__)

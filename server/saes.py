@@ -1,5 +1,8 @@
-"""GET /v1/steering/saes and /v1/steering/saes/{name}/features/{index} (decoder norm, logit-lens top
-tokens, label). The logit lens loads on first use, in a worker thread: the event loop never waits on it."""
+"""GET /v1/steering/saes, /v1/steering/saes/{name}/features/{index} (decoder norm, logit-lens top tokens,
+label, and, where the SAE has feature records beside it, its top-activating contexts, activation frequency
+and automatic label) and /v1/steering/saes/{name}/features?search=WORD (features whose contexts or
+logit-lens tokens mention the word). The logit lens and the records load on first use, in a worker
+thread: the event loop never waits on them."""
 from __future__ import annotations
 
 import asyncio
@@ -40,9 +43,34 @@ async def describe_feature(name: str, index: int, raw_request: Request, top_k: i
         def tokens(pairs):
             return [{"token_id": t, "token": tok.decode([t]), "logit": v} for t, v in pairs]
 
-        return {"sae": name, "index": index, "layer": st.facts.saes[name].layer,
-                "decoder_norm": float(lens.saes[name].W_dec[index].float().norm()),
-                "top_tokens": tokens(lens_tokens["top"]), "bottom_tokens": tokens(lens_tokens["bottom"]),
-                "label": st.labels.get(name, {}).get(index)}
+        out = {"sae": name, "index": index, "layer": st.facts.saes[name].layer,
+               "decoder_norm": float(lens.saes[name].W_dec[index].float().norm()),
+               "top_tokens": tokens(lens_tokens["top"]), "bottom_tokens": tokens(lens_tokens["bottom"]),
+               "label": st.labels.get(name, {}).get(index)}
+        records = st.feature_records(name)
+        if records is not None:
+            record = records.get(index)
+            out.update(auto_label=record["label"], frequency=record["frequency"],
+                       max_activation=record["max_activation"], contexts=record["contexts"],
+                       direct_effect=record["logit_lens"])
+            out["label"] = out["label"] or record["label"]
+        return out
 
     return await asyncio.to_thread(describe)
+
+
+@router.get("/v1/steering/saes/{name}/features")
+async def search_features(name: str, raw_request: Request, search: str = "", limit: int = 10):
+    st = state(raw_request)
+    if name not in st.facts.saes:
+        return error(f"unknown SAE {name!r}; registered: {sorted(st.facts.saes)}", "name", HTTPStatus.NOT_FOUND)
+    if not 1 <= limit <= 100:
+        return error("limit must be in 1..100", "limit")
+    from sae_steer.feature_records import words
+    if len(words(search)) != 1 or len(search) > 64:
+        return error("search must be one word (letters or digits, at most 64 characters)", "search")
+    records = await asyncio.to_thread(st.feature_records, name)
+    if records is None:
+        return error(f"SAE {name!r} has no feature records (features.jsonl beside it: `sae-steer fit-sae` "
+                     "writes them)", "name", HTTPStatus.NOT_FOUND)
+    return {"object": "list", "sae": name, "search": search, "data": records.search(search, limit)}

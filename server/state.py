@@ -46,6 +46,7 @@ class SteeringState:
                                                    "vector dir (--steering-vector-dir)")
         self.built: dict[str, dict[int, torch.Tensor]] = {}  # vectors built over HTTP: name -> layer -> v
         self._lens, self._tokenizer = None, None
+        self._records: dict[str, object] = {}  # SAE name -> FeatureRecords or None
         self.labels = {name: load_labels(path, self.facts.saes[name].d_sae) for name, path in self.settings.labels.items()}
         for path in sorted(self.vector_dir.glob("*.safetensors")) if self.vector_dir.is_dir() else ():
             self._adopt(path)
@@ -85,6 +86,18 @@ class SteeringState:
                 from transformers import AutoTokenizer
                 self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
             return self._tokenizer
+
+    def feature_records(self, name: str):
+        """The SAE's feature records (top contexts, logit lens, label: `sae-steer fit-sae` writes them beside
+        the SAE: features.jsonl in an SAE folder, <name>.features.jsonl beside a one-file SAE), or None when
+        it has none. Loaded once, on first use."""
+        with self._load_lock:
+            if name not in self._records:
+                from sae_steer.feature_records import RECORDS_FILE, FeatureRecords
+                sae = Path(self.settings.saes[name])
+                path = sae / RECORDS_FILE if sae.is_dir() else sae.with_name(f"{sae.stem}.{RECORDS_FILE}")
+                self._records[name] = FeatureRecords.load(path) if path.is_file() else None
+            return self._records[name]
 
     def logit_lens(self) -> LogitLens:
         """The served model's final norm and unembedding, read from its safetensors on first use."""

@@ -54,6 +54,21 @@ class Server:
 LABELS = {"3": "the third feature", "7": "feature seven"}  # Neuronpedia-style export, object form
 
 
+def feature_record(i: int) -> dict:
+    """A feature record as `sae-steer fit-sae` writes it (sae_steer.feature_records); feature 5 fires on
+    "winter", feature 9 writes it (logit lens), the others mention neither."""
+    at_word = {5: " winter"}.get(i, " river")
+    return {"index": i, "label": f"label {i}", "frequency": i / 1000, "max_activation": float(i),
+            "contexts": [{"tokens": ["The", " cold", at_word, " came"], "at": 2, "activation": float(i)}],
+            "logit_lens": {"top": [[" winter" if i == 9 else " stone", 1.0]], "bottom": [[" sun", -1.0]]}}
+
+
+def write_feature_records(sae_file: Path, d_sae: int = 256) -> None:
+    """Beside a one-file SAE: <name>.features.jsonl."""
+    sae_file.with_name(f"{sae_file.stem}.features.jsonl").write_text(
+        "".join(json.dumps(feature_record(i)) + "\n" for i in range(d_sae)))
+
+
 def serve_args(artifacts, vector_dir: Path) -> list[str]:
     args = [sys.executable, "-m", "sae_steer.cli", "serve", str(artifacts.model), "--dtype", "float32",
             "--max-model-len", "512", "--block-size", "32", "--max-num-seqs", "32", "--seed", "0",
@@ -62,6 +77,7 @@ def serve_args(artifacts, vector_dir: Path) -> list[str]:
     labels = vector_dir.parent / "relu-l1-labels.json"
     labels.write_text(json.dumps(LABELS))
     args += ["--additional-config", json.dumps({"sae_steer": {"labels": {"relu-l1": str(labels)}}})]
+    write_feature_records(Path(artifacts.saes["gated-l1"]))
     for name, path in artifacts.saes.items():
         args += ["--sae", f"{name}={path}"]
     for name, path in artifacts.vectors.items():

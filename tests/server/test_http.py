@@ -320,9 +320,30 @@ def test_feature_route_and_sae_listing(server, artifacts):
     assert requests.get(server.url + "/v1/steering/saes/relu-l1/features/256", timeout=30).status_code == 404
 
 
+def test_feature_records_are_served_and_searchable(server):
+    """An SAE with features.jsonl beside it (what fit-sae writes): contexts, frequency and the automatic label
+    come with the feature route, and the search route finds features by a word of their contexts or lens."""
+    from tests.server.conftest import feature_record
+    r = requests.get(server.url + "/v1/steering/saes/gated-l1/features/5", timeout=60).json()
+    want = feature_record(5)
+    assert r["contexts"] == want["contexts"] and r["frequency"] == want["frequency"]
+    assert r["auto_label"] == r["label"] == "label 5" and r["direct_effect"] == want["logit_lens"]
+    found = requests.get(server.url + "/v1/steering/saes/gated-l1/features?search=Winter", timeout=60).json()
+    assert [(f["index"], f["score"]) for f in found["data"]] == [(5, 3), (9, 2)]  # fires on it > writes it
+    assert requests.get(server.url + "/v1/steering/saes/gated-l1/features?search=volcano",
+                        timeout=30).json()["data"] == []
+    for query, field in (("search=cold%20winter", "search"), ("search=", "search"), ("search=x&limit=0", "limit")):
+        bad = requests.get(server.url + f"/v1/steering/saes/gated-l1/features?{query}", timeout=30)
+        assert bad.status_code == 400 and field in json.dumps(bad.json()), (query, bad.text)
+    none = requests.get(server.url + "/v1/steering/saes/relu-l1/features?search=winter", timeout=30)
+    assert none.status_code == 404 and "no feature records" in none.text
+    assert "contexts" not in requests.get(server.url + "/v1/steering/saes/relu-l1/features/5", timeout=30).json()
+
+
 def test_openapi_documents_the_extension(server):
     spec = requests.get(server.url + "/openapi.json", timeout=30).json()
-    for path in ("/v1/steering/saes", "/v1/steering/saes/{name}/features/{index}", "/v1/steering/vectors",
+    for path in ("/v1/steering/saes", "/v1/steering/saes/{name}/features/{index}",
+                 "/v1/steering/saes/{name}/features", "/v1/steering/vectors",
                  "/v1/steering/vectors/{name}"):
         assert path in spec["paths"], path
     schemas = spec["components"]["schemas"]

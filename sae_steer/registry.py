@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sae_steer import formats
+from sae_steer import calibration, formats
 from sae_steer.sae import SparseAutoencoder
 from sae_steer.spec import ModelFacts
 
@@ -156,7 +156,8 @@ class Settings:
         steerable = frozenset(extra) | {s.layer for s in saes.values()} | frozenset().union(*vectors.values())
         return ModelFacts(d_model=d_model, num_layers=num_layers, steerable_layers=steerable, saes=saes,
                           vectors=vectors, max_interventions=self.max_interventions,
-                          max_abs_value=self.max_abs_value)
+                          max_abs_value=self.max_abs_value,
+                          calibrations=calibration.load_for_settings(self.saes, self.vectors))
 
     def _check_budget(self, cost: dict[str, int]) -> None:
         """Estimated from headers, before anything is loaded: float32 copies held by the registry."""

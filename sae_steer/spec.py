@@ -131,6 +131,7 @@ class ModelFacts:
     max_interventions: int = 64
     max_abs_value: float = 1e4  # |strength|, |value|, |factor|, |coef|, |above|, |values[i]|
     logit_refusal: str | None = None  # why this engine refuses `logit` interventions (None: it serves them)
+    calibrations: dict[str, dict] = field(default_factory=dict)  # name -> stored calibration (calibration.py)
 
 
 def _path(loc) -> str:
@@ -153,6 +154,8 @@ def parse_steering(raw, facts: ModelFacts) -> Steering:
         if key in raw:
             raise SteeringError(f"steering.{key}", f"`{key}` is answered by the HTTP server (sae-steer serve); "
                                                    "offline requests carry interventions and positions only")
+    from sae_steer.calibration import resolve_auto
+    raw = resolve_auto(raw, facts.calibrations)  # "coef"/"strength": "auto" -> the calibrated numbers
     n = raw.get("interventions")
     if isinstance(n, list) and len(n) > facts.max_interventions:
         raise SteeringError("steering.interventions",

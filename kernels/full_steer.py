@@ -84,11 +84,14 @@ if HAS_TRITON:
     @triton.jit
     def _encode_kernel(
         hidden_ptr, residual_ptr, enc_ptr, gate_bias_ptr, threshold_ptr, mag_scale_ptr, mag_bias_ptr, acts_ptr,
-        T, d, n, lo,
+        live_ptr, T, d, n, lo,
         stride_h, stride_r, stride_enc, stride_a,
         BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, HAS_LIVE: tl.constexpr,
     ):
+        if HAS_LIVE:  # a device flag: inside a replayed CUDA graph, skip the work when no request needs it
+            if tl.load(live_ptr) == 0:
+                return
         # grouped ordering (the matmul tutorial's "L2 cache optimizations")
         pid = tl.program_id(0)
         n_t, n_f = tl.cdiv(T, BLOCK_T), tl.cdiv(n, BLOCK_F)
@@ -122,12 +125,15 @@ if HAS_TRITON:
 
 
 def encode_triton(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, lo: int, hi: int,
-                  input_precision: str = "ieee"):
-    """Launch the encode: 1-D grid of cdiv(T, BLOCK_T) * cdiv(n, BLOCK_F) tiles. -> acts [T, n] fp32."""
+                  input_precision: str = "ieee", live: torch.Tensor | None = None):
+    """Launch the encode: 1-D grid of cdiv(T, BLOCK_T) * cdiv(n, BLOCK_F) tiles. -> acts [T, n] fp32.
+
+    live: an optional device int32 scalar; where it is 0 the kernel does nothing and acts stay 0 (the
+    caller promises that no edit reads them: a graph-safe table skipping TopK SAEs nobody steers)."""
     T, d = hidden.shape
     n = hi - lo
     assert hidden.stride(1) == residual.stride(1) == 1 and enc.is_contiguous()
-    acts = torch.empty(T, n, dtype=torch.float32, device=hidden.device)
+    acts = (torch.empty if live is None else torch.zeros)(T, n, dtype=torch.float32, device=hidden.device)
     if T == 0 or n == 0:
         return acts
     # tl.dot wants every block dim >= 16; 64x64x32 fp32 tiles fit the register file at 4 warps
@@ -136,9 +142,10 @@ def encode_triton(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bi
     grid = (triton.cdiv(T, BLOCK_T) * triton.cdiv(n, BLOCK_F),)
     _encode_kernel[grid](
         hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, acts,
-        T, d, n, lo,
+        acts if live is None else live, T, d, n, lo,
         hidden.stride(0), residual.stride(0), enc.stride(0), acts.stride(0),
         BLOCK_T=BLOCK_T, BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, GROUP_T=8, INPUT_PRECISION=input_precision,
+        HAS_LIVE=live is not None,
     )
     return acts
 
@@ -157,23 +164,26 @@ def full_steer_triton(hidden, residual, token_slot, edit_feature, edit_mul, edit
 # dispatchers
 # ---------------------------------------------------------------------------------------------
 
-def encode(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, lo: int, hi: int) -> torch.Tensor:
-    """-> acts [T, hi - lo] fp32 of packed features [lo, hi): Triton on CUDA, torch otherwise."""
-    fn = encode_triton if HAS_TRITON and hidden.is_cuda else encode_reference
-    return fn(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, lo, hi)
+def encode(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, lo: int, hi: int,
+           live: torch.Tensor | None = None) -> torch.Tensor:
+    """-> acts [T, hi - lo] fp32 of packed features [lo, hi): Triton on CUDA, torch otherwise (which always
+    encodes: `live` only lets the Triton kernel skip work whose result nobody reads)."""
+    if HAS_TRITON and hidden.is_cuda:
+        return encode_triton(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, lo, hi, live=live)
+    return encode_reference(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, lo, hi)
 
 
 def topk_segment(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias,
-                 saes: list[tuple[int, int, int]], lo: int, hi: int) -> TopkSegment:
+                 saes: list[tuple[int, int, int]], lo: int, hi: int, live: torch.Tensor | None = None) -> TopkSegment:
     """The live features of TopK SAEs packed side by side in [lo, hi), for `sparse_steer`'s topk_segment.
 
     saes: (lo_i, hi_i, k_i) of each SAE to encode, inside [lo, hi). Each is encoded in full and keeps its k_i
     largest activations; the lists are concatenated, indices local to lo. Features of [lo, hi) outside every
     listed SAE read as 0, so an SAE that no edit names may be left out. Shapes follow (T, sum k_i) only:
-    no host sync, capturable in a CUDA graph."""
+    no host sync, capturable in a CUDA graph. live: see `encode`."""
     indices, values = [], []
     for a, b, k in saes:
-        top = encode(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, a, b).topk(k, dim=1)
+        top = encode(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bias, a, b, live).topk(k, dim=1)
         indices.append(top.indices + (a - lo))
         values.append(top.values)
     return lo, hi, torch.cat(indices, 1), torch.cat(values, 1)

@@ -6,6 +6,7 @@
 #   1. pytest tests/kernels on the GPU (real Triton launches, no interpreter)
 #   2. the CUDA-graph capture of the whole steering path (tests/kernels/test_table_cuda_graph.py)
 #   3. python benchmarks/kernels.py --quick, results (named after the device) under $OUT/benchmarks-results
+#   4. python benchmarks/op_overhead.py: the steering op's cost per layer inside a CUDA graph
 #
 # Usage, from anywhere:   OUT=/some/dir scripts/gpu_check.sh          (OUT defaults to a fresh /tmp folder)
 #                         PYTHON=.venv/bin/python scripts/gpu_check.sh --cpu   (a local dry run of the logic:
@@ -74,6 +75,7 @@ step kernel_tests 180 "${PYTEST[@]}" tests/kernels --ignore=tests/kernels/test_t
 step cuda_graph 90 "${PYTEST[@]}" -v tests/kernels/test_table_cuda_graph.py
 if [ "$CPU" = 0 ]; then
   step benchmark 150 "$PYTHON" -P benchmarks/kernels.py --quick --results "$OUT/benchmarks-results"
+  step op_overhead 120 "$PYTHON" -P benchmarks/op_overhead.py --results "$OUT/benchmarks-results"
 fi
 
 echo "--- summary (also in $OUT/summary.txt)"

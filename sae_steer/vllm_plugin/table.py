@@ -143,6 +143,9 @@ class SteeringTable:
         self.edits_in_use = [0] * n_layers  # per layer: the widest slot's edit count (E of this step)
         self.layer_live = [False] * n_layers  # per layer: does any live slot touch it
         self.topk_live: list[set[str]] = [set() for _ in self.layers]
+        # The same on the device, per layer: the graph-safe path's TopK encode skips its work when 0 (a
+        # replayed graph cannot branch on the host's sets, but the kernel can read this).
+        self.topk_live_flag = torch.zeros(n_layers, dtype=torch.int32, device=device)
         self.graph_safe = graph_safe
         # Set by the plugin during vLLM's memory-profiling run, which has no requests: the step then takes
         # the widest path (full table width, every TopK SAE encoded full-width), so the KV cache that vLLM
@@ -250,6 +253,8 @@ class SteeringTable:
             self.layer_live[li] = bool(live)
             self.edits_in_use[li] = max((s.edits.get(li, 0) for s in live), default=0)
             self.topk_live[li] = {name for name, *_ in dictionary.topk if any(name in s.saes for s in live)}
+        self.topk_live_flag.copy_(torch.tensor([int(bool(names)) for names in self.topk_live], dtype=torch.int32),
+                                  non_blocking=True)
         self.observed_layers = set()
         for observe in filter(None, self._row_observe):
             if "telemetry" in observe:
@@ -299,7 +304,7 @@ class SteeringTable:
         segment = None
         if topk:  # TopK membership needs every pre-activation of those SAEs
             segment = topk_segment(hidden, residual, dic.enc, *dic.params, [(lo, hi, k) for _, lo, hi, k in topk],
-                                   dic.topk_lo, dic.null)
+                                   dic.topk_lo, dic.null, live=self.topk_live_flag[li] if self.graph_safe else None)
         args = (hidden, residual, self._token_slot(hidden.shape[0], positions),
                 self.edit_feature[li, :, :E], self.edit_mul[li, :, :E], self.edit_add[li, :, :E],
                 self.gate_feature[li, :, :E], self.gate_above[li, :, :E], self.vector[li], dic.enc, dic.dec, *dic.params)

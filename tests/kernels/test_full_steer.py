@@ -86,3 +86,19 @@ def test_telemetry_of_a_sparse_sae_leaves_steering_sparse():
     torch.testing.assert_close(got.cpu()[ok], want[ok], **TOLERANCES[torch.float32])
     torch.testing.assert_close(val.cpu(), want_val, **ENCODE_TOL)
     assert idx.shape == (30, 5) and int(idx.max()) < hi - lo
+
+
+def test_encode_skips_its_work_when_the_live_flag_is_zero():
+    """The graph-safe table passes a device flag: 0 (no request steers a TopK SAE of the layer) -> no work and
+    zeros; 1 -> the same activations as without a flag. A replayed graph flips it in place."""
+    dic, saes = dictionary(64, seed=3)
+    case = random_case(dic, 9, 0, seed=4)
+    lo, hi = segment(dic, saes, "topk")
+    params = [p.to(DEVICE) for p in (dic.enc, dic.gate_bias, dic.threshold, dic.mag_scale, dic.mag_bias)]
+    hidden, residual = case.hidden.to(DEVICE), case.residual.to(DEVICE)
+    live = torch.zeros((), dtype=torch.int32, device=DEVICE)
+    assert torch.equal(encode_triton(hidden, residual, *params, lo, hi, live=live).cpu(), torch.zeros(9, hi - lo))
+    live.fill_(1)
+    want = encode_triton(hidden, residual, *params, lo, hi)
+    assert want.abs().sum() > 0
+    assert torch.equal(encode_triton(hidden, residual, *params, lo, hi, live=live), want)

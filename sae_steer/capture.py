@@ -122,15 +122,45 @@ def capture_activations(llm, texts: list[str], layers: list[int], out_dir: str |
     return manifest
 
 
-def load_activations(out_dir: str | Path, layer: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Every captured position of one layer, [n_tokens, d_model], in shard order."""
+def load_field(out_dir: str | Path, name: str) -> torch.Tensor:
+    """One tensor of every shard (`L<layer>`, `tokens`, `doc` or `pos`), concatenated in shard order."""
     from safetensors import safe_open
     out_dir = Path(out_dir)
     manifest = json.loads((out_dir / "manifest.json").read_text())
-    if layer not in manifest["layers"]:
-        raise ValueError(f"{out_dir} holds layers {manifest['layers']}, not {layer}")
     parts = []
     for shard in manifest["shards"]:
         with safe_open(str(out_dir / shard["file"]), framework="pt") as f:
-            parts.append(f.get_tensor(f"L{layer}").to(dtype))
+            parts.append(f.get_tensor(name))
     return torch.cat(parts)
+
+
+def load_activations(out_dir: str | Path, layer: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Every captured position of one layer, [n_tokens, d_model]."""
+    layers = json.loads((Path(out_dir) / "manifest.json").read_text())["layers"]
+    if layer not in layers:
+        raise ValueError(f"{out_dir} holds layers {layers}, not {layer}")
+    return load_field(out_dir, f"L{layer}").to(dtype)
+
+
+def run_capture(model: str, layers: list[int], out_dir: str | Path, text_files: list[str] | None = None,
+                max_tokens_per_text: int = 256) -> dict:
+    """`sae-steer capture`: start an engine (in this process) with `layers` steerable and capture the texts
+    (chunks of the given files, or fit-sae's local corpus)."""
+    import os
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM
+
+    from sae_steer.fit_sae import _chunks, local_corpus
+    from sae_steer.smollm2 import resolve_model
+    if text_files:
+        texts = [c for f in text_files for c in _chunks(Path(f).read_text(errors="ignore"))]
+    else:
+        train, held = local_corpus()
+        texts = train + held
+    llm = LLM(model=resolve_model(model), enforce_eager=True, max_model_len=max_tokens_per_text + 8, seed=0,
+              enable_prefix_caching=False, additional_config={"sae_steer": {"layers": sorted(set(layers))}})
+    try:
+        return capture_activations(llm, texts, layers, out_dir, max_tokens_per_text=max_tokens_per_text)
+    finally:
+        llm.llm_engine.engine_core.shutdown()

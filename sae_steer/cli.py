@@ -1,4 +1,4 @@
-"""The `sae-steer` command: `serve` (vLLM's OpenAI server with steering) and `demo`."""
+"""The `sae-steer` command: `serve` (vLLM's OpenAI server with steering), `demo`, `fit-sae` and `capture`."""
 from __future__ import annotations
 
 import argparse
@@ -118,10 +118,35 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--workdir", default="demo-artifacts", help="where the demo model, SAE and vector are built")
     demo.add_argument("--word", default=" software", help="the one-token word the demo steers toward")
     demo.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start, slower run)")
+    fit = sub.add_parser("fit-sae", help="fit a TopK SAE to the model's residual stream on local text (SAELens format)")
+    fit.add_argument("--model", default="smollm2", help="model folder, or 'smollm2' (the embedded default)")
+    fit.add_argument("--layer", type=int, default=15, help="residual stream after this decoder layer (0-based)")
+    fit.add_argument("--features", type=int, default=4096)
+    fit.add_argument("--k", type=int, default=32)
+    fit.add_argument("--tokens", type=int, default=400_000, help="training positions captured from the corpus")
+    fit.add_argument("--epochs", type=int, default=4)
+    fit.add_argument("--out", help="output folder (default: $XDG_CACHE_HOME/sae-steer/saes/MODEL-L<layer>-<features>)")
+    cap = sub.add_parser("capture", help="record residual-stream activations over a corpus into safetensors shards")
+    cap.add_argument("--model", default="smollm2", help="model folder, or 'smollm2' (the embedded default)")
+    cap.add_argument("--layers", required=True, help="comma-separated layers, e.g. 6,15")
+    cap.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
+    cap.add_argument("--text-file", action="append", default=[],
+                     help="a text file to capture (repeatable; cut into chunks); default: fit-sae's local corpus")
+    cap.add_argument("--max-tokens-per-text", type=int, default=256)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from sae_steer.demo import run_demo
         run_demo(args.workdir, args.word, args.enforce_eager)
+    elif args.command == "fit-sae":
+        from sae_steer.fit_sae import FitConfig, default_out_dir, fit_sae
+        out = args.out or default_out_dir(args.model, args.layer, args.features)
+        fit_sae(args.model, args.layer, out, tokens=args.tokens,
+                cfg=FitConfig(features=args.features, k=args.k, epochs=args.epochs))
+        print(out)
+    elif args.command == "capture":
+        from sae_steer.capture import run_capture
+        run_capture(args.model, [int(x) for x in args.layers.split(",")], args.out, args.text_file,
+                    args.max_tokens_per_text)
 
 
 if __name__ == "__main__":

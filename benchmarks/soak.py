@@ -433,6 +433,16 @@ def rss_kb(pid: int) -> dict[int, int]:
     return out
 
 
+def process_name(p: int, root: int) -> str:
+    """The API server (the root), vLLM's engine core (it renames its process), or what /proc calls it."""
+    if p == root:
+        return "api_server"
+    try:
+        return Path(f"/proc/{p}/comm").read_text().strip() or str(p)
+    except OSError:
+        return str(p)
+
+
 def runtime_dir_of(pid: int) -> Path | None:
     """SAE_STEER_RUNTIME_DIR as the server's processes see it (sae-steer serve sets it for its engine)."""
     for p in tree(pid):
@@ -449,8 +459,12 @@ def runtime_dir_of(pid: int) -> Path | None:
 async def sample_rss(pid: int, t0: float, every: float, out: list, stop: asyncio.Event) -> None:
     while not stop.is_set():
         per = rss_kb(pid)
+        by_name: Counter = Counter()
+        for p, kb in per.items():
+            by_name[process_name(p, pid)] += kb
         out.append({"t": round(time.monotonic() - t0, 1), "rss_mb": round(sum(per.values()) / 1024, 1),
-                    "processes": len(per), "load1": round(os.getloadavg()[0], 2)})
+                    "processes": len(per), "load1": round(os.getloadavg()[0], 2),
+                    "by_process_mb": {k: round(v / 1024, 1) for k, v in sorted(by_name.items())}})
         try:
             await asyncio.wait_for(stop.wait(), every)
         except asyncio.TimeoutError:
@@ -536,7 +550,10 @@ async def run(url: str, pid: int | None, args) -> dict:
     host = urlparse(url).hostname
     if host not in LOOPBACK:
         raise SystemExit(f"soak: loopback only, not {host!r}")
-    limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
+    # keepalive_expiry below uvicorn's 5-s keep-alive timeout: a pooled connection reused just as the server
+    # closes it is a client-side race (seen as httpx.ReadError twice in the first 10-minute run), not a server error
+    limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8,
+                          keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(args.request_timeout), limits=limits) as client:
         offer = await discover(client, args.inline_layer, args.d_model)
         runtime = runtime_dir_of(pid) if pid else None
@@ -559,7 +576,10 @@ async def run(url: str, pid: int | None, args) -> dict:
     rss_summary = None
     if rss:
         base = max(warm)
-        rss_summary = {"first_mb": rss[0]["rss_mb"], "after_warmup_mb": base, "max_mb": max(s["rss_mb"] for s in rss),
+        warm_at = max((s for s in rss if s["t"] <= args.duration * args.warmup_fraction), key=lambda s: s["t"],
+                      default=rss[0])
+        rss_summary = {"by_process_after_warmup_mb": warm_at["by_process_mb"], "by_process_final_mb": rss[-1]["by_process_mb"],
+                       "first_mb": rss[0]["rss_mb"], "after_warmup_mb": base, "max_mb": max(s["rss_mb"] for s in rss),
                        "final_mb": rss[-1]["rss_mb"],
                        "growth_after_warmup_pct": round(100 * (rss[-1]["rss_mb"] - base) / base, 2),
                        "warmup_s": round(args.duration * args.warmup_fraction, 1)}

@@ -114,10 +114,16 @@ def capture_activations(llm, texts: list[str], layers: list[int], out_dir: str |
             _say(f"{done}/{total} tokens ({100 * done / max(total, 1):.0f}%), {rate:.0f} tok/s, "
                  f"{len(writer.shards)} shards written")
     writer.close()
+    return write_manifest(out_dir, writer, layers, d_model, dtype, len(docs), limit, llm.llm_engine.model_config.model,
+                          time.monotonic() - start)
+
+
+def write_manifest(out_dir: Path, writer: ShardWriter, layers: list[int], d_model: int, dtype: torch.dtype,
+                   n_texts: int, max_tokens_per_text: int, model: str, seconds: float) -> dict:
+    """manifest.json, written last: a folder with one is a complete capture (also the HTTP route's)."""
     manifest = {"layers": layers, "d_model": d_model, "dtype": str(dtype).removeprefix("torch."),
-                "n_tokens": writer.n_tokens, "n_texts": len(docs), "max_tokens_per_text": limit,
-                "shards": writer.shards, "model": llm.llm_engine.model_config.model,
-                "seconds": round(time.monotonic() - start, 1)}
+                "n_tokens": writer.n_tokens, "n_texts": n_texts, "max_tokens_per_text": max_tokens_per_text,
+                "shards": writer.shards, "model": model, "seconds": round(seconds, 1)}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 

@@ -216,7 +216,10 @@ def records_from_capture(sae: SparseAutoencoder, capture_dir: str | Path, tokeni
     def shards():
         for shard in manifest["shards"]:
             with safe_open(str(capture_dir / shard["file"]), framework="pt") as f:
-                yield f.get_tensor(f"L{sae.layer}")
+                x = f.get_tensor(f"L{sae.layer}")
+                # Position 0 of a text is an attention sink (a stream norm ~100x the rest): it would top every
+                # feature's contexts while saying nothing about the text. Zeroed, it activates as a blank.
+                yield x.masked_fill((f.get_tensor("pos") == 0)[:, None], 0)
 
     return build_feature_records(sae, shards(), load_field(capture_dir, "tokens"), tokenizer, unembedding,
                                  doc_ids=load_field(capture_dir, "doc"), **options)

@@ -294,6 +294,22 @@ def evaluate(model_path: str, layer: int, sae, texts: list[str], max_tokens: int
 
 # ---- the command ----
 
+def write_records(sae, model: str, capture_dir: Path, out_dir: Path, tokenizer, progress: bool = True) -> None:
+    """Feature records beside the SAE (top contexts over the training capture, logit lens, labels): what the
+    server's feature and search routes serve (sae_steer.feature_records)."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_steer.feature_records import records_from_capture, save_feature_records
+    from sae_steer.vllm_plugin.adapters import family_of
+    from sae_steer.vllm_plugin.logit_bias import head_of_hf
+    t0 = time.monotonic()
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    head = head_of_hf(hf, family_of(hf.config.architectures))
+    path = save_feature_records(records_from_capture(sae, capture_dir, tokenizer, head), out_dir)
+    if progress:
+        _say(f"feature records (top contexts, logit lens, labels) -> {path} in {time.monotonic() - t0:.0f} s")
+
+
 def _reusable_capture(work: Path, model: str, layer: int, n_texts: int, max_tokens_per_text: int) -> dict | None:
     """The manifest of an earlier capture of the same texts, model and layer in `work`, else None."""
     try:
@@ -381,6 +397,7 @@ def fit_sae(model: str, layer: int, out_dir: str | Path, *, tokens: int = 300_00
     write_saelens(fitted, out_dir, Path(model).name, {"fit": {k: metrics[k] for k in ("fve", "l0", "dead_fraction",
                                                                                        "ce_delta")}})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_records(fitted, model, work, out_dir, tokenizer, progress)
     if progress:
         _say(f"done in {metrics['total_seconds']:.0f} s: FVE {metrics['fve']:.3f}, L0 {metrics['l0']:.1f}, "
              f"dead {metrics['dead_fraction']:.3f}, CE {metrics['ce_clean']:.3f} -> {metrics['ce_sae']:.3f} "

@@ -54,3 +54,17 @@ def test_fitted_sae_loads_and_steers_like_the_reference(artifacts, fitted):
     assert steered.token_ids != plain.token_ids
     for tok, lp in first_logprobs(steered).items():
         assert abs(lp - float(ref_first[tok])) < 2e-3
+
+
+def test_fit_writes_feature_records_for_every_feature(fitted):
+    """The records the feature and search routes serve: one per feature, with contexts from the capture, a
+    logit lens and a label."""
+    from sae_steer.feature_records import FeatureRecords
+    out, _ = fitted
+    records = FeatureRecords.load(out)
+    assert len(records) == 256
+    live = [r for r in records.records if r["contexts"]]
+    assert len(live) > 128, "most features fired somewhere in the capture"
+    for r in live:
+        assert r["logit_lens"]["top"] and isinstance(r["label"], str)
+        assert all(c["activation"] > 0 and 0 <= c["at"] < len(c["tokens"]) for c in r["contexts"])

@@ -122,17 +122,26 @@ def _open(name: str, flags: int, mode: int = 0o600) -> int:
 
 # ---- worker side (inside the model's forward: never raise, the engine must keep serving) ----
 
-def record_telemetry(observer_id: str, positions: list[int], indices: list[list[int]], values: list[list[float]]) -> None:
+def record_telemetry(observer_id: str, positions: list[int], indices: list[list[int]], values: list[list[float]],
+                     first: bool) -> None:
+    """first: these records start the request's telemetry (they hold its last prompt position). Only then is
+    the file created: a later step finds it or, when the API has already discarded it (the client went
+    away), writes nothing, so no file outlives its request."""
     data = "".join(json.dumps({"position": p, "features": i, "activations": v}) + "\n"
                    for p, i, v in zip(positions, indices, values)).encode()
     try:
-        fd = _open(_name(observer_id, ".telemetry.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        try:
-            os.write(fd, data)  # one write per step: readers see whole lines or none
-        finally:
-            os.close(fd)
+        fd = _open(_name(observer_id, ".telemetry.jsonl"), os.O_WRONLY | os.O_APPEND | (os.O_CREAT if first else 0))
+    except FileNotFoundError:
+        return  # discarded by the API: the request is gone
     except (OSError, ValueError, RuntimeDirError) as e:
         logger.error("sae-steer: telemetry %r not recorded: %s", observer_id, e)
+        return
+    try:
+        os.write(fd, data)  # one write per step: readers see whole lines or none
+    except OSError as e:
+        logger.error("sae-steer: telemetry %r not recorded: %s", observer_id, e)
+    finally:
+        os.close(fd)
 
 
 def record_capture(observer_id: str, layer: int, x: torch.Tensor) -> None:

@@ -341,7 +341,7 @@ class SteeringTable:
                     f = sae.encode((steered[seg] + residual[seg]).float()[produces])  # [n, d_sae]
                     top = f.topk(min(int(telemetry["top_k"]), sae.d_sae), dim=-1)
                     observers.record_telemetry(telemetry["id"], pos[produces].tolist(), top.indices.tolist(),
-                                               top.values.tolist())
+                                               top.values.tolist(), first=bool((pos == plen - 1).any()))
             capture = observe.get("capture")
             if capture and layer in capture["layers"]:
                 if capture.get("positions") == "all":  # every prompt position of this chunk

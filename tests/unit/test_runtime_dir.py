@@ -28,8 +28,20 @@ def default_dir(root):
 
 def write_everything():
     """What the worker does for a request with telemetry and capture (must never raise)."""
-    observers.record_telemetry(ID, [3], [[1, 2]], [[0.5, 0.25]])
+    observers.record_telemetry(ID, [3], [[1, 2]], [[0.5, 0.25]], first=True)
     observers.record_capture(ID, 2, torch.ones(4))
+
+
+def test_telemetry_of_a_discarded_request_is_not_recreated(tmp_root):
+    """The API discards a request's telemetry when its client goes away; the worker's later steps (first=False)
+    must not bring the file back (the soak found such files piling up)."""
+    path = observers.check_runtime_dir()
+    observers.record_telemetry(ID, [3], [[1]], [[0.5]], first=True)
+    observers.record_telemetry(ID, [4], [[1]], [[0.5]], first=False)
+    assert [r["position"] for _, r in observers.TelemetryReader(ID).new_records()] == [3, 4]
+    observers.discard(ID)
+    observers.record_telemetry(ID, [5], [[1]], [[0.5]], first=False)
+    assert not list(path.iterdir())
 
 
 def test_fresh_directory_is_private_and_round_trips(tmp_root):

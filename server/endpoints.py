@@ -8,13 +8,14 @@ Routes (all under /v1, so vLLM's `--api-key` guards them when set):
     GET    /v1/steering/vectors                     registered and built vectors
     POST   /v1/steering/vectors                     build a CAA vector from contrast pairs (admin key)
     DELETE /v1/steering/vectors/{name}              drop a built vector (admin key)
+    POST   /v1/steering/captures                    record residual-stream activations over texts (admin key)
 
 The completion routes replace vLLM's (endpoint plugins may override a path); they validate the
 steering against the served model up front (400 naming the field, OpenAI's error shape) and then
 hand the request to vLLM's own serving handlers.
 
 Modules: completions.py (the completion routes, validation, compare), responses.py (bodies and SSE with
-telemetry), saes.py (SAE listing, feature route), vectors.py (CAA vectors), auth.py (admin key),
+telemetry), saes.py (SAE listing, feature route), vectors.py (CAA vectors), captures.py (activation capture), auth.py (admin key),
 state.py (SteeringState), errors.py (OpenAI's error shape), protocol.py (request models).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 
 from fastapi import FastAPI, Request
 
-from sae_steer.server import completions, saes, vectors
+from sae_steer.server import captures, completions, saes, vectors
 from sae_steer.server.errors import HTTPError
 from sae_steer.server.state import SteeringState
 
@@ -36,7 +37,7 @@ class SteeringEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        for module in (completions, saes, vectors):
+        for module in (completions, saes, vectors, captures):
             app.include_router(module.router)
 
         @app.exception_handler(HTTPError)

@@ -259,6 +259,38 @@ def test_telemetry_reports_the_top_features_of_each_generated_token(server, arti
         assert all(abs(a - b) < 1e-3 * max(1.0, abs(b)) for (_, a), (_, b) in zip(got, expected))
 
 
+def test_activation_capture_over_http_equals_hugging_face(server, artifacts):
+    """POST /v1/steering/captures: every prompt position's stream at layers 1 and 2, in shards on the server's disk
+    (sae_steer.capture's layout), equal to Hugging Face's hidden states; bad bodies name their field."""
+    from transformers import AutoTokenizer
+    from sae_steer.capture import load_activations, load_field
+    texts = ["The licensee shall not sublicense the software.", "Permission is hereby granted, free of charge",
+             "x"]  # "x" is one token: skipped (no position after the first to learn from)
+    headers = {"X-Steering-Admin-Key": ADMIN_KEY}
+    body = {"name": "licences", "texts": texts, "layers": [2, 1]}
+    r = requests.post(server.url + "/v1/steering/captures", json=body, headers=headers, timeout=300)
+    assert r.status_code == 201, r.text
+    out = r.json()
+    tok = AutoTokenizer.from_pretrained(artifacts.model)
+    ids = [tok(t)["input_ids"] for t in texts[:2]]
+    assert out["layers"] == [1, 2] and out["n_texts"] == 2 and out["n_tokens"] == sum(map(len, ids))
+    docs, pos = load_field(out["path"], "doc"), load_field(out["path"], "pos")
+    for layer in (1, 2):
+        acts = load_activations(out["path"], layer)
+        for doc, doc_ids in enumerate(ids):
+            want = hf_residual(artifacts, doc_ids, layer)
+            got = acts[docs == doc][pos[docs == doc].argsort()]
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # stored in float16
+    assert requests.post(server.url + "/v1/steering/captures", json=body, headers=headers,
+                         timeout=60).status_code == 409
+    assert requests.post(server.url + "/v1/steering/captures", json=body, timeout=60).status_code == 401
+    for bad, field in (({"texts": []}, "texts"), ({"layers": [7]}, "layers"), ({"name": "../x"}, "name"),
+                       ({"texts": ["a" * 9000]}, "texts[0]")):
+        r = requests.post(server.url + "/v1/steering/captures", json={**body, "name": "other", **bad},
+                          headers=headers, timeout=60)
+        assert r.status_code == 400 and field in json.dumps(r.json()), (bad, r.text)
+
+
 def test_caa_vector_built_over_http_equals_the_hugging_face_mean_difference(server, artifacts, client):
     pairs = [{"positive": "The licensee shall keep", "negative": "The licensee shall not keep"},
              {"positive": "You may copy the software", "negative": "You may not copy the software"},

@@ -1,0 +1,100 @@
+"""POST /v1/steering/captures (admin key): residual-stream activations of the served model over a corpus,
+at every prompt position of chosen layers, recorded by the engine's own steering op and streamed to
+safetensors shards on the server's disk: the same layout as the offline `sae_steer.capture`, so
+`sae-steer fit-sae --capture DIR` and the feature-records builder read either.
+
+Bounded like CAA builds: at most MAX_TEXTS texts of at most MAX_TEXT_CHARS characters, each cut to
+`max_tokens_per_text` tokens (below the model's context), at most CAPTURE_CONCURRENCY engine requests in
+flight across all builds; the shards are written under `<vector dir>/captures/<name>` (inside `roots`
+when set), off the event loop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from http import HTTPStatus
+
+import torch
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from sae_steer.capture import SHARD_TOKENS, ShardWriter, write_manifest
+from sae_steer.server.auth import require_admin
+from sae_steer.server.errors import error
+from sae_steer.server.state import state
+from sae_steer.spec import SteeringError, check_capture_layers
+from sae_steer.vllm_plugin import observers
+
+logger = logging.getLogger("vllm.sae_steer")
+router = APIRouter()
+MAX_TEXTS = 4096
+MAX_TEXT_CHARS = 8192
+
+
+class CaptureRequest(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS)
+    layers: list[int] = Field(min_length=1)
+    max_tokens_per_text: int = Field(default=256, ge=2, le=8192)
+    overwrite: bool = False
+
+
+@router.post("/v1/steering/captures", dependencies=[Depends(require_admin)], status_code=201)
+async def capture(body: CaptureRequest, raw_request: Request):
+    st = state(raw_request)
+    try:
+        layers = check_capture_layers(body.layers, st.facts)
+    except SteeringError as e:
+        return error(str(e), e.field)
+    for i, text in enumerate(body.texts):
+        if not text or len(text) > MAX_TEXT_CHARS:
+            return error(f"texts[{i}]: 1..{MAX_TEXT_CHARS} characters, got {len(text)}", f"texts[{i}]")
+    out_dir = st.vector_dir / "captures" / body.name
+    if (out_dir / "manifest.json").exists() and not body.overwrite:
+        return error(f"capture {body.name!r} exists; pass overwrite=true to replace it", "name", HTTPStatus.CONFLICT)
+    limit = min(body.max_tokens_per_text, (st.max_model_len or body.max_tokens_per_text + 1) - 1)
+    tok = await asyncio.to_thread(st.tokenizer)
+    docs = await asyncio.to_thread(lambda: [tok(t)["input_ids"][:limit] for t in body.texts])
+    docs = [(i, ids) for i, ids in enumerate(docs) if len(ids) >= 2]
+    if not docs:
+        return error("every text is shorter than 2 tokens", "texts")
+    logger.info("sae-steer: capture %r: %d texts, %d tokens, layers %s", body.name, len(docs),
+                sum(len(ids) for _, ids in docs), layers)
+    start = time.monotonic()
+
+    async def one(ids: list[int]) -> dict[int, torch.Tensor | None]:
+        from vllm import SamplingParams
+        cid = uuid.uuid4().hex
+        params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={
+            observers.CAPTURE_KEY: {"id": cid, "layers": layers, "positions": "all"}})
+        async with st.capture_slots:
+            try:  # a fresh cache salt: every position is computed, none is read from the prefix cache
+                async for _ in st.engine_client.generate({"prompt_token_ids": ids, "cache_salt": cid}, params,
+                                                         f"sae-steer-capture-{cid}"):
+                    pass
+                return await asyncio.to_thread(
+                    lambda: {L: observers.read_capture_positions(cid, L, len(ids)) for L in layers})
+            finally:
+                await asyncio.to_thread(observers.discard, cid)
+
+    writer = ShardWriter(out_dir, layers, SHARD_TOKENS, torch.float16)
+    await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread((out_dir / "manifest.json").unlink, missing_ok=True)
+    batch = 64  # texts in flight per batch; shards are written in text order
+    d_model = None
+    for b in range(0, len(docs), batch):
+        chunk = docs[b:b + batch]
+        acts = await asyncio.gather(*(one(ids) for _, ids in chunk))
+        for (doc, ids), got in zip(chunk, acts):
+            missing = [L for L, x in got.items() if x is None]
+            if missing:
+                return error(f"no activation captured for texts[{doc}] at layers {missing}; the engine's workers must "
+                             "share this server's host and runtime directory", status=HTTPStatus.SERVICE_UNAVAILABLE)
+            d_model = got[layers[0]].shape[-1]
+            await asyncio.to_thread(writer.add, got, ids, doc)
+        logger.info("sae-steer: capture %r: %d/%d texts", body.name, min(b + batch, len(docs)), len(docs))
+    await asyncio.to_thread(writer.close)
+    manifest = await asyncio.to_thread(write_manifest, out_dir, writer, layers, d_model, torch.float16, len(docs),
+                                       limit, str(st.model_path), time.monotonic() - start)
+    return {"name": body.name, "path": str(out_dir), **manifest}

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sae_steer.feature_records import (FeatureRecords, build_feature_records, records_from_capture,
@@ -102,7 +103,7 @@ def test_records_know_their_contexts_logit_lens_labels_and_search(model, tmp_pat
     for k, (lo, hi) in enumerate([(0, 150), (150, N)]):
         name = f"shard-{k:05d}.safetensors"
         save_file({"L1": x[lo:hi].half(), "tokens": tokens[lo:hi].int(), "doc": docs[lo:hi].int(),
-                   "pos": (torch.arange(lo, hi) % 50).int()}, str(cap / name))
+                   "pos": (torch.arange(lo, hi) % 50 + 1).int()}, str(cap / name))  # no position 0: see below
         shards.append({"file": name, "n_tokens": hi - lo})
     (cap / "manifest.json").write_text(json.dumps({"layers": [1], "d_model": D, "dtype": "float16",
                                                    "n_tokens": N, "shards": shards}))
@@ -110,3 +111,13 @@ def test_records_know_their_contexts_logit_lens_labels_and_search(model, tmp_pat
                                  top_n=3, context=4, after=2)
     assert [c["tokens"] for c in again[3]["contexts"]] == [c["tokens"] for c in r3["contexts"]]
     assert again[7]["logit_lens"] == records[7]["logit_lens"]
+    # a text's position 0 (an attention sink in real models) is read as a zero stream: planted position 37 as a
+    # position 0 no longer tops feature 3
+    with safe_open(str(cap / "shard-00000.safetensors"), framework="pt") as f:
+        fields = {k: f.get_tensor(k) for k in f.keys()}
+    fields["pos"][37] = 0
+    save_file(fields, str(cap / "shard-00000.safetensors"))
+    sink = records_from_capture(sae, cap, tokenizer, head_of_hf(hf, family_of(["LlamaForCausalLM"])),
+                                top_n=3, context=4, after=2)
+    assert [c["tokens"] for c in sink[3]["contexts"]][0] == r3["contexts"][0]["tokens"]
+    assert r3["contexts"][1]["tokens"] not in [c["tokens"] for c in sink[3]["contexts"]]

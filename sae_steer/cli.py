@@ -118,6 +118,20 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--workdir", default="demo-artifacts", help="where the demo model, SAE and vector are built")
     demo.add_argument("--word", default=" software", help="the one-token word the demo steers toward")
     demo.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start, slower run)")
+    ev = sub.add_parser("eval", help="measure steering quality (concept, relevance, fluency) over a sweep of methods, "
+                                     "layers and strengths; store the best settings as calibration (\"coef\": \"auto\")")
+    ev.add_argument("--model", default="smollm2", help="model folder, or 'smollm2' (the embedded default)")
+    ev.add_argument("--concept", default="cold", help="a concept of sae_steer/data/concepts.json")
+    ev.add_argument("--sae", help="an SAE (folder or file) of the model: adds SAE-feature and logit steering")
+    ev.add_argument("--layers", help="CAA layers, comma-separated (default: n/5, n/3, n/2 of the model's n layers)")
+    ev.add_argument("--coefs", default="0.5,1,2,4", help="CAA coefs (SAE: the same multiples of the CAA edit norm)")
+    ev.add_argument("--logit-strengths", default="2,4,8,16", help="logit steering strengths (logits at the top token)")
+    ev.add_argument("--instructions", type=int, help="use the first N of the 32 instructions")
+    ev.add_argument("--max-tokens", type=int, default=48)
+    ev.add_argument("--results", default="benchmarks/results", help="where eval-<concept>-<model>.{json,md,png} go")
+    ev.add_argument("--vector-out", help="where the CAA vector is saved, with its calibration beside it "
+                                         "(default: $XDG_CACHE_HOME/sae-steer/vectors/<model>-<concept>.safetensors)")
+    ev.add_argument("--no-calibrate", action="store_true", help="write results only, no calibration files")
     fit = sub.add_parser("fit-sae", help="fit a TopK SAE to the model's residual stream on local text (SAELens format)")
     fit.add_argument("--model", default="smollm2", help="model folder, or 'smollm2' (the embedded default)")
     fit.add_argument("--layer", type=int, default=15, help="residual stream after this decoder layer (0-based)")
@@ -137,6 +151,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":
         from sae_steer.demo import run_demo
         run_demo(args.workdir, args.word, args.enforce_eager)
+    elif args.command == "eval":
+        from sae_steer.evaluate import run_eval_command
+
+        def floats(text):
+            return [float(x) for x in text.split(",") if x]
+        run_eval_command(args.model, concept=args.concept, sae=args.sae, coefs=floats(args.coefs),
+                         layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+                         logit_strengths=floats(args.logit_strengths), max_tokens=args.max_tokens,
+                         n_instructions=args.instructions, results_dir=args.results, vector_out=args.vector_out,
+                         calibrate=not args.no_calibrate)
     elif args.command == "fit-sae":
         from sae_steer.fit_sae import FitConfig, default_out_dir, fit_sae
         out = args.out or default_out_dir(args.model, args.layer, args.features)

@@ -1,0 +1,551 @@
+"""`sae-steer eval`: steering quality, measured (in the spirit of AxBench, Wu et al. 2025), and calibration.
+
+For one concept (default: cold / winter, sae_steer/data/concepts.json) and a few dozen everyday instructions
+(sae_steer/data/instructions.txt, split alternately into a *selection* half and a *test* half), the served
+model answers each instruction (greedy, `max_tokens` tokens, chat template when the model has one) under:
+
+    none      no steering
+    prompt    the instruction + "Mention cold weather, snow or winter in your answer." (the prompting baseline)
+    caa       a CAA vector (mean difference over local contrast pairs of each text's stream averaged over its
+              positions, built on this engine through its own capture path: build_caa_vector) at each layer x coef
+    sae       residual `add` of one SAE feature (found by searching the SAE's feature records for the concept's
+              words; without records, the feature whose decoder row is most aligned with the CAA vector at the
+              SAE's layer), strengths chosen so that the edit's norm equals coef x |CAA vector| at that layer
+    logit     the same feature's logit-space steering, strength in logits at its most promoted token
+
+Every answer is scored 0-2 by three judges built from what is on this machine (no hosted judge):
+
+    concept    word list: 0 no concept word, 1 one, 2 two or more (whole words, lower case, a plural "s" dropped)
+    fluency    the answer's mean negative log-likelihood per token under the *unsteered* model with an empty
+               instruction (nll), against the median nll of the unsteered answers (base):
+               2 if nll <= base + 0.5, 1 if nll <= base + 1.5, else 0; then capped for repetition: distinct word
+               trigrams / trigrams < 0.5 -> 0, < 0.8 -> at most 1; fewer than 3 words -> 0
+    relevance  pointwise mutual information of answer and instruction under the unsteered model, per token:
+               pmi = (log p(answer | instruction) - log p(answer | empty instruction)) / n_tokens, against the
+               median pmi of the unsteered answers (base, floored at 0.05): 2 if pmi >= 0.5 base,
+               1 if pmi >= 0.2 base, else 0
+
+and their harmonic mean (0 when any is 0), averaged over instructions. Per method (CAA: per layer too), the
+setting with the best mean harmonic mean on the selection half is chosen and reported on the test half;
+`calibrate` stores it beside the vector / SAE (sae_steer/calibration.py) for `"coef": "auto"`.
+
+The judges' limits are written in the README ("Steering quality (eval) and calibration").
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+# judge thresholds (documented in the module docstring and the README)
+FLUENCY_NLL_MARGIN = (0.5, 1.5)  # nats/token above the unsteered median: <= first -> 2, <= second -> 1
+REPETITION_CAP = (0.5, 0.8)  # distinct word-trigram ratio: below first -> 0, below second -> at most 1
+RELEVANCE_PMI_FRACTION = (0.5, 0.2)  # of the unsteered median pmi: >= first -> 2, >= second -> 1
+RELEVANCE_BASE_FLOOR = 0.05  # nats/token: the base pmi used when the unsteered answers' median is below it
+
+
+def _say(msg: str) -> None:
+    print(f"[eval] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- concepts and instructions ----
+
+@dataclass
+class Concept:
+    name: str
+    description: str
+    prompt_suffix: str
+    words: list[str]
+    pairs: list[tuple[str, str]]  # (positive: shows the concept, negative: its opposite)
+    search_words: list[str] = field(default_factory=list)
+
+
+def load_concept(name: str = "cold", path: str | Path | None = None) -> Concept:
+    data = json.loads(Path(path or DATA / "concepts.json").read_text(encoding="utf-8"))
+    if name not in data:
+        raise ValueError(f"unknown concept {name!r}; known: {sorted(data)}")
+    c = data[name]
+    return Concept(name=name, description=c["description"], prompt_suffix=c["prompt_suffix"], words=c["words"],
+                   pairs=[tuple(p) for p in c["pairs"]], search_words=c.get("search_words", [name]))
+
+
+def load_instructions(path: str | Path | None = None) -> list[str]:
+    lines = Path(path or DATA / "instructions.txt").read_text(encoding="utf-8").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+# ---- judges ----
+
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _norm(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def concept_hits(text: str, words: list[str]) -> int:
+    """How many words of `text` are concept words (whole words, case-insensitive, a plural 's' ignored)."""
+    lexicon = {_norm(w.lower()) for w in words}
+    return sum(_norm(w) in lexicon for w in _words(text))
+
+
+def concept_score(text: str, words: list[str]) -> int:
+    hits = concept_hits(text, words)
+    return 2 if hits >= 2 else hits
+
+
+def distinct_trigram_ratio(text: str) -> float:
+    """Distinct word trigrams / word trigrams (1.0 for texts too short to repeat a trigram)."""
+    w = _words(text)
+    grams = [tuple(w[i:i + 3]) for i in range(len(w) - 2)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def fluency_score(text: str, nll: float, base_nll: float) -> int:
+    """0-2 from the answer's mean nll/token under the unsteered model vs the unsteered answers' median."""
+    if len(_words(text)) < 3 or not math.isfinite(nll):
+        return 0
+    delta = nll - base_nll
+    score = 2 if delta <= FLUENCY_NLL_MARGIN[0] else 1 if delta <= FLUENCY_NLL_MARGIN[1] else 0
+    ratio = distinct_trigram_ratio(text)
+    if ratio < REPETITION_CAP[0]:
+        return 0
+    if ratio < REPETITION_CAP[1]:
+        return min(score, 1)
+    return score
+
+
+def relevance_score(pmi: float, base_pmi: float) -> int:
+    """0-2 from the per-token pmi of answer and instruction vs the unsteered answers' median."""
+    if not math.isfinite(pmi):
+        return 0
+    base = max(base_pmi, RELEVANCE_BASE_FLOOR)
+    return 2 if pmi >= RELEVANCE_PMI_FRACTION[0] * base else 1 if pmi >= RELEVANCE_PMI_FRACTION[1] * base else 0
+
+
+def harmonic_mean(*scores: float) -> float:
+    """AxBench's aggregate: 0 when any score is 0."""
+    if any(s <= 0 for s in scores):
+        return 0.0
+    return len(scores) / sum(1.0 / s for s in scores)
+
+
+# ---- prompts and likelihoods on the engine ----
+
+def render(tokenizer, instruction: str) -> list[int]:
+    """The prompt's token ids: the model's chat template when it has one, else a plain Q/A frame."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(f"Instruction: {instruction}\nAnswer:", add_special_tokens=True)["input_ids"]
+
+
+def answer_logprobs(llm, prompts: list[list[int]], answers: list[list[int]]) -> list[float]:
+    """sum_t log p(answer_t | prompt, answer_<t) under the engine's unsteered model, one pass per pair
+    (vLLM prompt_logprobs over prompt + answer)."""
+    from vllm import SamplingParams
+    todo = [(i, p + a, len(p)) for i, (p, a) in enumerate(zip(prompts, answers)) if a]
+    out = [0.0] * len(prompts)
+    if not todo:
+        return out
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    results = llm.generate([{"prompt_token_ids": ids} for _, ids, _ in todo], params, use_tqdm=False)
+    for (i, ids, start), res in zip(todo, results):
+        out[i] = sum(res.prompt_logprobs[t][ids[t]].logprob for t in range(start, len(ids)))
+    return out
+
+
+def build_caa_vector(llm, pairs: list[tuple[str, str]], layers: list[int], positions: str = "mean") -> dict[int, torch.Tensor]:
+    """A CAA vector on this engine, read through the plugin's capture path: v_L = mean over pairs of
+    x_L(positive) - x_L(negative), x_L the residual stream after layer L
+
+        positions="last"  at each text's last token (Panickssery et al. 2024; POST /v1/steering/vectors)
+        positions="mean"  averaged over each text's positions after the first (the first token's stream is an
+                          attention sink with a large norm); for concept sentences, whose last token is a period,
+                          this carries the concept where "last" barely does (SmolLM2, cold/winter: see the README)
+
+    The layers must be steerable on `llm`."""
+    from vllm import SamplingParams
+
+    from sae_steer.vllm_plugin import observers
+    if positions not in ("mean", "last"):
+        raise ValueError(f"positions must be 'mean' or 'last', got {positions!r}")
+    tok = llm.get_tokenizer()
+    texts = [t for pair in pairs for t in pair]
+    ids = [f"caa{uuid.uuid4().hex}" for _ in texts]
+    token_ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+    capture = {"layers": sorted(layers)} if positions == "last" else {"layers": sorted(layers), "positions": "all"}
+    params = [SamplingParams(max_tokens=1, temperature=0.0, extra_args={observers.CAPTURE_KEY: {"id": cid, **capture}})
+              for cid in ids]
+    prompts = [{"prompt_token_ids": t, "cache_salt": cid} for t, cid in zip(token_ids, ids)]
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+        if positions == "last":
+            acts = [{L: observers.read_capture(cid, L) for L in layers} for cid in ids]
+        else:
+            acts = []
+            for cid, t in zip(ids, token_ids):
+                per = {L: observers.read_capture_positions(cid, L, len(t)) for L in layers}
+                acts.append({L: None if x is None else x[1:].float().mean(0) if len(t) > 1 else x.float().mean(0)
+                             for L, x in per.items()})
+    finally:
+        for cid in ids:
+            observers.discard(cid)
+    missing = sorted({L for a in acts for L, x in a.items() if x is None})
+    if missing:
+        raise RuntimeError(f"no activation captured at layers {missing} (steerable on this engine?)")
+    return {L: torch.stack([acts[2 * i][L].float() - acts[2 * i + 1][L].float() for i in range(len(pairs))]).mean(0)
+            for L in layers}
+
+
+# ---- the sweep ----
+
+@dataclass
+class Point:
+    method: str  # none | prompt | caa | sae | logit
+    layer: int | None = None
+    strength: float | None = None  # coef (caa) / strength (sae add, logit)
+    multiple: float | None = None  # caa/sae: the edit's norm in units of |CAA vector| at that layer
+    steering: dict | None = None
+
+    @property
+    def label(self) -> str:
+        if self.method in ("none", "prompt"):
+            return self.method
+        where = f"L{self.layer} " if self.layer is not None else ""
+        return f"{self.method} {where}{self.strength:g}"
+
+
+def pick_feature(sae, sae_dir: Path | None, concept: Concept, caa: dict[int, torch.Tensor]) -> tuple[int, str]:
+    """The SAE feature to steer with: the best hit of a feature-records search for the concept's words,
+    else the decoder row most aligned (cosine) with the CAA vector at the SAE's layer."""
+    from sae_steer.feature_records import RECORDS_FILE, FeatureRecords
+    if sae_dir is not None and (sae_dir / RECORDS_FILE).is_file():
+        book = FeatureRecords.load(sae_dir)
+        totals: dict[int, int] = {}
+        for word in concept.search_words:
+            for hit in book.search(word, limit=20):
+                totals[hit["index"]] = totals.get(hit["index"], 0) + hit["score"]
+        if totals:
+            best = max(totals, key=lambda i: (totals[i], -i))
+            return best, (f"feature records search for {concept.search_words}: feature {best} "
+                          f"(score {totals[best]}, label {book.get(best).get('label')!r})")
+    v = caa.get(sae.layer)
+    if v is None:
+        raise ValueError(f"no feature records beside the SAE and no CAA vector at its layer {sae.layer} to pick a "
+                         f"feature with")
+    cos = torch.nn.functional.cosine_similarity(sae.W_dec.float(), v.float()[None], dim=-1)
+    best = int(cos.argmax())
+    return best, f"decoder row most aligned with the CAA vector at layer {sae.layer} (cosine {float(cos[best]):.3f})"
+
+
+def sweep_points(caa: dict[int, torch.Tensor], layers: list[int], coefs: list[float], sae=None,
+                 sae_name: str | None = None, feature: int | None = None, logit_strengths: list[float] = ()) -> list[Point]:
+    """none, prompt, CAA at each of `layers` x coefs, SAE add (edit norm = coef x |caa[sae.layer]|), logit."""
+    points = [Point("none"), Point("prompt")]
+    for L in sorted(layers):
+        values = caa[L].tolist()
+        points += [Point("caa", L, c, c, {"interventions": [{"type": "vector", "layer": L, "values": values,
+                                                             "coef": c}]}) for c in coefs]
+    if sae is not None:
+        norm = float(caa[sae.layer].norm()) / max(float(sae.W_dec[feature].norm()), 1e-12)
+        for c in coefs:
+            s = round(c * norm, 4)
+            points.append(Point("sae", sae.layer, s, c, {"interventions": [
+                {"type": "sae", "sae": sae_name, "feature": feature, "mode": "add", "strength": s}]}))
+        points += [Point("logit", None, s, None, {"interventions": [
+            {"type": "logit", "sae": sae_name, "feature": feature, "strength": s}]}) for s in logit_strengths]
+    return points
+
+
+def generate_answers(llm, points: list[Point], instructions: list[str], concept: Concept, max_tokens: int,
+                     points_per_call: int = 4) -> list[list[list[int]]]:
+    """answers[p][i]: the generated token ids of point p on instruction i (greedy)."""
+    from vllm import SamplingParams
+    tok = llm.get_tokenizer()
+    plain = [render(tok, ins) for ins in instructions]
+    prompted = [render(tok, ins + concept.prompt_suffix) for ins in instructions]
+    out, start = [], time.monotonic()
+    for b in range(0, len(points), points_per_call):
+        chunk = points[b:b + points_per_call]
+        prompts, params = [], []
+        for p in chunk:
+            for i in range(len(instructions)):
+                prompts.append({"prompt_token_ids": prompted[i] if p.method == "prompt" else plain[i]})
+                params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                             extra_args=None if p.steering is None else {"steering": p.steering}))
+        results = llm.generate(prompts, params, use_tqdm=False)
+        n = len(instructions)
+        out += [[list(r.outputs[0].token_ids) for r in results[j * n:(j + 1) * n]] for j in range(len(chunk))]
+        _say(f"generated {len(out)}/{len(points)} sweep points ({', '.join(p.label for p in chunk)}), "
+             f"{time.monotonic() - start:.0f} s")
+    return out
+
+
+def score_answers(llm, instructions: list[str], answers: list[list[list[int]]],
+                  concept: Concept) -> tuple[list[list[dict]], dict]:
+    """Per point and instruction: text, nll, pmi, the three 0-2 scores and their harmonic mean; and the
+    unsteered medians (point 0 must be `none`) that the fluency and relevance thresholds are relative to."""
+    tok = llm.get_tokenizer()
+    conditioned = [render(tok, ins) for ins in instructions]
+    empty = render(tok, "")
+    flat = [(p, i) for p in range(len(answers)) for i in range(len(instructions))]
+    t0 = time.monotonic()
+    lp_cond = answer_logprobs(llm, [conditioned[i] for _, i in flat], [answers[p][i] for p, i in flat])
+    lp_free = answer_logprobs(llm, [empty for _ in flat], [answers[p][i] for p, i in flat])
+    _say(f"scored {len(flat)} answers (2 likelihood passes each) in {time.monotonic() - t0:.0f} s")
+    rows = [[None] * len(instructions) for _ in answers]
+    for (p, i), c, f in zip(flat, lp_cond, lp_free):
+        ids = answers[p][i]
+        n = max(len(ids), 1)
+        text = tok.decode(ids, skip_special_tokens=True)
+        rows[p][i] = {"text": text, "tokens": len(ids), "nll": -f / n if ids else float("inf"),
+                      "pmi": (c - f) / n if ids else float("-inf"), "concept": concept_score(text, concept.words)}
+    base = rows[0]  # the unsteered answers
+    base_nll = statistics.median(r["nll"] for r in base if math.isfinite(r["nll"]))
+    base_pmi = statistics.median(r["pmi"] for r in base if math.isfinite(r["pmi"]))
+    for point_rows in rows:
+        for r in point_rows:
+            r["fluency"] = fluency_score(r["text"], r["nll"], base_nll)
+            r["relevance"] = relevance_score(r["pmi"], base_pmi)
+            r["hm"] = harmonic_mean(r["concept"], r["relevance"], r["fluency"])
+    return rows, {"base_nll": base_nll, "base_pmi": base_pmi}
+
+
+def summarize(rows: list[dict], idx: list[int]) -> dict:
+    pick = [rows[i] for i in idx]
+    return {k: sum(r[k] for r in pick) / len(pick) for k in ("concept", "relevance", "fluency", "hm")}
+
+
+def select(points: list[Point], summaries: list[dict]) -> dict[str, int]:
+    """Per method (and per CAA layer: key 'caa@L'), the point with the best selection-half mean harmonic
+    mean (ties: the smaller strength). Methods with one point are their own choice."""
+    groups: dict[str, list[int]] = {}
+    for j, p in enumerate(points):
+        groups.setdefault(p.method, []).append(j)
+        if p.method == "caa":
+            groups.setdefault(f"caa@{p.layer}", []).append(j)
+    return {g: max(js, key=lambda j: (summaries[j]["select"]["hm"], -(abs(points[j].strength or 0))))
+            for g, js in groups.items()}
+
+
+# ---- outputs ----
+
+def write_markdown(result: dict, path: Path) -> Path:
+    r = result
+    lines = [f"# Steering quality: concept {r['concept']['description']!r} on {r['model_name']}", "",
+             f"{r['date']}, {r['device']}; {len(r['instructions'])} instructions ({len(r['split']['select'])} select, "
+             f"{len(r['split']['test'])} test), greedy, {r['max_tokens']} tokens; judges: sae_steer/evaluate.py "
+             f"(0-2 each, harmonic mean per answer, averaged). Unsteered medians: nll {r['base']['base_nll']:.3f}, "
+             f"pmi {r['base']['base_pmi']:.3f} nats/token. SAE feature: {r.get('feature_note') or 'none'}. "
+             f"Run time {r['seconds']:.0f} s.", "",
+             "## Chosen settings (best harmonic mean on the select half, reported on the test half)", "",
+             "| method | layer | strength | concept | relevance | fluency | **HM (test)** | HM (select) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in r["chosen_order"]:
+        pt = r["points"][r["chosen"][g]]
+        t, s = pt["test"], pt["select"]
+        lines.append(f"| {g} | {pt['layer'] if pt['layer'] is not None else '-'} | "
+                     f"{'-' if pt['strength'] is None else format(pt['strength'], 'g')} | {t['concept']:.2f} | "
+                     f"{t['relevance']:.2f} | {t['fluency']:.2f} | **{t['hm']:.3f}** | {s['hm']:.3f} |")
+    lines += ["", "## Every sweep point (test half; CAA/SAE multiple = edit norm / |CAA vector| at that layer)", "",
+              "| point | multiple | concept | relevance | fluency | HM (test) | HM (select) |", "|---|---|---|---|---|---|---|"]
+    for pt in r["points"]:
+        t = pt["test"]
+        lines.append(f"| {pt['label']} | {'-' if pt['multiple'] is None else format(pt['multiple'], 'g')} | "
+                     f"{t['concept']:.2f} | {t['relevance']:.2f} | {t['fluency']:.2f} | {t['hm']:.3f} | "
+                     f"{pt['select']['hm']:.3f} |")
+    lines += ["", "## Examples (chosen settings)", ""]
+    for ex in r["examples"]:
+        lines += [f"**{ex['instruction']}**", ""]
+        for g, text in ex["answers"].items():
+            lines.append(f"- *{g}*: {text.strip()!r}")
+        lines.append("")
+    if r.get("calibration"):
+        lines += ["## Calibration written", ""] + [f"- {k}: `{v}`" for k, v in r["calibration"].items()] + [""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_plot(result: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _say("matplotlib is not installed: no plot")
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    series: dict[str, list[dict]] = {}
+    for pt in result["points"]:
+        key = {"caa": f"CAA layer {pt['layer']}", "sae": f"SAE add (L{pt['layer']})", "logit": "logit"}.get(
+            pt["method"], pt["method"])
+        series.setdefault(key, []).append(pt)
+    markers = iter("osD^v<>ph*")
+    for key, pts in series.items():
+        xs, ys = [p["test"]["concept"] for p in pts], [p["test"]["fluency"] for p in pts]
+        m = next(markers, "o")
+        ax.plot(xs, ys, marker=m, linestyle="-" if len(pts) > 1 else "none", label=key, markersize=8)
+        if len(pts) > 1:
+            for p, x, y in zip(pts, xs, ys):
+                ax.annotate(f"x{p['multiple']:g}" if p["multiple"] is not None else f"{p['strength']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("concept score (0-2, test half)")
+    ax.set_ylabel("fluency score (0-2, test half)")
+    ax.set_xlim(-0.05, 2.05)
+    ax.set_ylim(-0.05, 2.05)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{result['concept']['description']} on {result['model_name']}: concept vs fluency\n"
+                 f"(labels: coef / strength; best harmonic means in the .md)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- the whole run ----
+
+def run_eval(llm, *, concept: Concept, instructions: list[str], layers: list[int], coefs: list[float],
+             sae_name: str | None = None, sae_path: str | Path | None = None, logit_strengths: list[float] = (),
+             max_tokens: int = 48, results_dir: str | Path | None = None, vector_out: str | Path | None = None,
+             calibrate: bool = True, model_name: str = "model", examples: int = 2, caa_positions: str = "mean") -> dict:
+    """Build the CAA vector, sweep, judge, select, write results (results_dir) and calibration. `llm` must serve
+    `layers` (steerable) and, for SAE/logit steering, the SAE registered as `sae_name` (path `sae_path`)."""
+    from sae_steer import calibration, formats
+    t0 = time.monotonic()
+    sae = formats.load_sae(sae_path) if sae_path is not None else None
+    caa_layers = sorted(set(layers) | ({sae.layer} if sae is not None else set()))
+    _say(f"concept {concept.description!r}: CAA vector from {len(concept.pairs)} contrast pairs at layers {caa_layers}")
+    caa = build_caa_vector(llm, concept.pairs, caa_layers, caa_positions)
+    feature, feature_note = None, None
+    if sae is not None:
+        feature, feature_note = pick_feature(sae, Path(sae_path) if Path(sae_path).is_dir() else None, concept, caa)
+        _say(f"SAE feature: {feature_note}")
+    points = sweep_points(caa, layers, coefs, sae, sae_name, feature, logit_strengths)
+    n = len(instructions)
+    split = {"select": list(range(0, n, 2)), "test": list(range(1, n, 2))}
+    _say(f"{len(points)} sweep points x {n} instructions, {max_tokens} tokens each")
+    answers = generate_answers(llm, points, instructions, concept, max_tokens)
+    rows, base = score_answers(llm, instructions, answers, concept)
+    summaries = [{half: summarize(rows[j], idx) for half, idx in split.items()} for j in range(len(points))]
+    chosen = select(points, summaries)
+    order = [g for g in ("none", "prompt", "caa", "sae", "logit") if g in chosen] + \
+        sorted((g for g in chosen if g.startswith("caa@")), key=lambda g: int(g[4:]))
+
+    result = {"concept": asdict(concept), "model_name": model_name, "instructions": instructions, "split": split,
+              "max_tokens": max_tokens, "date": time.strftime("%Y-%m-%d"), "device": "CPU (vLLM CPU build)",
+              "base": base, "feature": feature, "feature_note": feature_note,
+              "caa_norms": {str(L): float(v.norm()) for L, v in caa.items()},
+              "thresholds": {"fluency_nll_margin": FLUENCY_NLL_MARGIN, "repetition_cap": REPETITION_CAP,
+                             "relevance_pmi_fraction": RELEVANCE_PMI_FRACTION,
+                             "relevance_base_floor": RELEVANCE_BASE_FLOOR},
+              "points": [{"label": p.label, "method": p.method, "layer": p.layer, "strength": p.strength,
+                          "multiple": p.multiple, **summaries[j], "answers": rows[j]} for j, p in enumerate(points)],
+              "chosen": chosen, "chosen_order": order}
+    ex_idx = [i for i in split["test"] if "weather" in instructions[i].lower()][:1] + split["test"][:examples]
+    result["examples"] = [{"instruction": instructions[i], "answers": {
+        g: rows[chosen[g]][i]["text"] for g in order if not g.startswith("caa@")}} for i in dict.fromkeys(ex_idx)]
+
+    if calibrate:
+        cal = {}
+        source = {"concept": concept.name, "model": model_name, "date": result["date"], "metric": "mean harmonic "
+                  "mean of concept/relevance/fluency on the select half (sae_steer/evaluate.py)"}
+        if vector_out is not None:
+            vpath = formats.save_vector({L: caa[L] for L in layers}, vector_out, metadata={
+                "method": f"caa-mean-difference ({caa_positions} of positions)", "concept": concept.name,
+                "built_from_pairs": str(len(concept.pairs))})
+            best = points[chosen["caa"]]
+            per_layer = {points[chosen[f"caa@{L}"]].layer: {"coef": points[chosen[f"caa@{L}"]].strength,
+                                                            "score": summaries[chosen[f"caa@{L}"]]["select"]["hm"]}
+                         for L in layers}
+            cal["vector"] = str(calibration.save_vector_calibration(
+                vpath, best.layer, best.strength, score=summaries[chosen["caa"]]["select"]["hm"],
+                per_layer=per_layer, source=source))
+            cal["vector_file"] = str(vpath)
+        if sae is not None:
+            for kind, method in (("add", "sae"), ("logit", "logit")):
+                if method in chosen:
+                    j = chosen[method]
+                    cal[f"sae_{kind}"] = str(calibration.save_feature_calibration(
+                        sae_path, feature, kind, points[j].strength, score=summaries[j]["select"]["hm"],
+                        source=source))
+        result["calibration"] = cal
+        for k, v in cal.items():
+            _say(f"calibration: {k} -> {v}")
+    result["seconds"] = time.monotonic() - t0
+
+    if results_dir is not None:
+        out = Path(results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"eval-{concept.name}-{model_name}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_markdown(result, stem.with_suffix(".md"))
+        write_plot(result, stem.with_suffix(".png"))
+        result["files"] = [str(stem.with_suffix(s)) for s in (".json", ".md", ".png")]
+        _say(f"wrote {stem}.{{json,md,png}}")
+    return result
+
+
+def default_vector_out(model_name: str, concept: str) -> Path:
+    """$XDG_CACHE_HOME/sae-steer/vectors/<model>-<concept>.safetensors (beside fit-sae's SAEs)."""
+    from sae_steer.smollm2 import cache_dir
+    return cache_dir().parent / "vectors" / f"{model_name}-{concept}.safetensors"
+
+
+def run_eval_command(model: str = "smollm2", *, concept: str = "cold", layers: list[int] | None = None,
+                     coefs: list[float] | None = None, sae: str | None = None, logit_strengths: list[float] | None = None,
+                     max_tokens: int = 48, n_instructions: int | None = None, results_dir: str | Path = "benchmarks/results",
+                     vector_out: str | Path | None = None, calibrate: bool = True, dtype: str = "bfloat16",
+                     enforce_eager: bool = True) -> dict:
+    """`sae-steer eval`: starts an engine in this process (model, the SAE registered, `layers` steerable) and
+    runs run_eval. `model` 'smollm2' is the embedded default; `sae` a folder/file of any supported format."""
+    import os
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM
+
+    from sae_steer.smollm2 import NAME, resolve_model
+    from sae_steer.vllm_plugin import observers
+    path = resolve_model(model)
+    model_name = "smollm2" if model.lower() in ("smollm2", NAME.lower()) else Path(path).name
+    if layers is None:
+        from transformers import AutoConfig
+        n = AutoConfig.from_pretrained(path).num_hidden_layers
+        layers = sorted({n // 5, n // 3, n // 2})  # SmolLM2 (30 layers): 6, 10, 15
+    settings = {"layers": sorted(layers)}
+    if sae is not None:
+        settings["saes"] = {"eval-sae": str(Path(sae).expanduser())}
+    if not os.environ.get(observers.RUNTIME_DIR_ENV):  # the CAA capture's files: a fresh private directory
+        import atexit
+        import shutil
+        import tempfile
+        os.environ[observers.RUNTIME_DIR_ENV] = tempfile.mkdtemp(prefix="sae-steer-eval-")
+        atexit.register(shutil.rmtree, os.environ[observers.RUNTIME_DIR_ENV], ignore_errors=True)
+    instructions = load_instructions()[:n_instructions]
+    _say(f"model {path} ({dtype}, {'eager' if enforce_eager else 'compiled'}), steerable layers {settings['layers']}"
+         + (f", SAE {sae}" if sae else ", no SAE (CAA, prompting only)"))
+    llm = LLM(model=path, dtype=dtype, enforce_eager=enforce_eager, max_model_len=512, seed=0, max_num_seqs=128,
+              additional_config={"sae_steer": settings})
+    try:
+        return run_eval(llm, concept=load_concept(concept), instructions=instructions, layers=layers,
+                        coefs=coefs or [0.5, 1.0, 2.0, 4.0], sae_name="eval-sae" if sae else None, sae_path=sae,
+                        logit_strengths=logit_strengths if logit_strengths is not None else [2.0, 4.0, 8.0, 16.0],
+                        max_tokens=max_tokens, results_dir=results_dir, calibrate=calibrate, model_name=model_name,
+                        vector_out=vector_out if vector_out is not None else default_vector_out(model_name, concept))
+    finally:
+        llm.llm_engine.engine_core.shutdown()

@@ -124,10 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--concept", default="cold", help="a concept of sae_steer/data/concepts.json")
     ev.add_argument("--sae", help="an SAE (folder or file) of the model: adds SAE-feature and logit steering")
     ev.add_argument("--layers", help="CAA layers, comma-separated (default: n/5, n/3, n/2 of the model's n layers)")
-    ev.add_argument("--coefs", default="0.5,1,2,4", help="CAA coefs (SAE: the same multiples of the CAA edit norm)")
-    ev.add_argument("--logit-strengths", default="2,4,8,16", help="logit steering strengths (logits at the top token)")
+    ev.add_argument("--coefs", default="1,2,4", help="CAA coefs (SAE: the same multiples of the CAA edit norm)")
+    ev.add_argument("--logit-strengths", default="2,5,10", help="logit steering strengths (logits at the top token)")
     ev.add_argument("--instructions", type=int, help="use the first N of the 32 instructions")
-    ev.add_argument("--max-tokens", type=int, default=48)
+    ev.add_argument("--max-tokens", type=int, default=36)
     ev.add_argument("--results", default="benchmarks/results", help="where eval-<concept>-<model>.{json,md,png} go")
     ev.add_argument("--vector-out", help="where the CAA vector is saved, with its calibration beside it "
                                          "(default: $XDG_CACHE_HOME/sae-steer/vectors/<model>-<concept>.safetensors)")

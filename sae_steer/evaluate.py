@@ -509,7 +509,7 @@ def default_vector_out(model_name: str, concept: str) -> Path:
 
 def run_eval_command(model: str = "smollm2", *, concept: str = "cold", layers: list[int] | None = None,
                      coefs: list[float] | None = None, sae: str | None = None, logit_strengths: list[float] | None = None,
-                     max_tokens: int = 48, n_instructions: int | None = None, results_dir: str | Path = "benchmarks/results",
+                     max_tokens: int = 36, n_instructions: int | None = None, results_dir: str | Path = "benchmarks/results",
                      vector_out: str | Path | None = None, calibrate: bool = True, dtype: str = "bfloat16",
                      enforce_eager: bool = True) -> dict:
     """`sae-steer eval`: starts an engine in this process (model, the SAE registered, `layers` steerable) and
@@ -543,8 +543,8 @@ def run_eval_command(model: str = "smollm2", *, concept: str = "cold", layers: l
               additional_config={"sae_steer": settings})
     try:
         return run_eval(llm, concept=load_concept(concept), instructions=instructions, layers=layers,
-                        coefs=coefs or [0.5, 1.0, 2.0, 4.0], sae_name="eval-sae" if sae else None, sae_path=sae,
-                        logit_strengths=logit_strengths if logit_strengths is not None else [2.0, 4.0, 8.0, 16.0],
+                        coefs=coefs or [1.0, 2.0, 4.0], sae_name="eval-sae" if sae else None, sae_path=sae,
+                        logit_strengths=logit_strengths if logit_strengths is not None else [2.0, 5.0, 10.0],
                         max_tokens=max_tokens, results_dir=results_dir, calibrate=calibrate, model_name=model_name,
                         vector_out=vector_out if vector_out is not None else default_vector_out(model_name, concept))
     finally:

@@ -1,4 +1,4 @@
-"""The `sae-steer` command: `serve` (vLLM's OpenAI server with steering), `demo`, `fit-sae` and `capture`."""
+"""The `sae-steer` command: `serve` (vLLM's OpenAI server with steering), `demo`, `fit-sae`, `capture` and `eval`."""
 from __future__ import annotations
 
 import argparse
@@ -114,10 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sae-steer", description="Per-request SAE/CAA steering for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="serve a model with steering (vLLM's OpenAI server); see `sae-steer serve -h`")
-    demo = sub.add_parser("demo", help="show steered completions beside the unsteered one on a tiny local model")
-    demo.add_argument("--workdir", default="demo-artifacts", help="where the demo model, SAE and vector are built")
-    demo.add_argument("--word", default=" software", help="the one-token word the demo steers toward")
-    demo.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start, slower run)")
+    sub.add_parser("demo", help="serve SmolLM2-135M-Instruct with a fitted SAE and a calibrated CAA vector and show "
+                                "steered answers beside the unsteered ones (first run sets up, ~20 min; then cached)")
     ev = sub.add_parser("eval", help="measure steering quality (concept, relevance, fluency) over a sweep of methods, "
                                      "layers and strengths; store the best settings as calibration (\"coef\": \"auto\")")
     ev.add_argument("--model", default="smollm2", help="model folder, or 'smollm2' (the embedded default)")
@@ -150,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "demo":
         from sae_steer.demo import run_demo
-        run_demo(args.workdir, args.word, args.enforce_eager)
+        run_demo()
     elif args.command == "eval":
         from sae_steer.evaluate import run_eval_command
 

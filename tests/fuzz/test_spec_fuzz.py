@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -63,6 +64,21 @@ def floaty(bound: float = 20.0):
 layer = st.integers(-1, 4) | HUGE
 
 
+@dataclass(frozen=True)
+class World:
+    """The names and sizes a near-valid request uses (the server tests pass their own)."""
+    saes: tuple = ("s", "t")
+    features: int = 3  # features 0..features-1 exist in every SAE above
+    vectors: tuple = ("v", "w")
+    vector_layer: int = 2  # a layer every vector above has
+    inline_layers: tuple = (1, 2)
+    d_model: int = D_MODEL
+    max_interventions: int = 8
+
+
+TOY = World()
+
+
 small = st.floats(-20, 20) | st.integers(-5, 5)
 hostile = st.one_of(json_values, floats, HUGE, st.integers(-2, D_SAE + 2), st.integers(-1, 4),
                     st.lists(st.floats(-1, 1), min_size=500, max_size=2000),  # long list
@@ -70,27 +86,27 @@ hostile = st.one_of(json_values, floats, HUGE, st.integers(-2, D_SAE + 2), st.in
 
 
 @st.composite
-def valid_intervention(draw):
+def valid_intervention(draw, w: World = TOY):
     kind = draw(st.sampled_from(["sae", "vector", "inline", "logit"]))
     if kind == "sae":
         mode = draw(st.sampled_from(["add", "clamp", "ablate", "scale"]))
         param = {"add": ["strength"], "clamp": ["value"], "ablate": [], "scale": ["factor", "strength"]}[mode]
-        out = {"type": "sae", "sae": draw(st.sampled_from(["s", "t"])), "feature": draw(st.integers(0, 2)),
+        out = {"type": "sae", "sae": draw(st.sampled_from(w.saes)), "feature": draw(st.integers(0, w.features - 1)),
                "mode": mode}
         if param:
             out[draw(st.sampled_from(param))] = draw(small)
         if draw(st.booleans()):
-            out["when"] = {"feature": draw(st.integers(0, 2)), "above": draw(small)}
+            out["when"] = {"feature": draw(st.integers(0, w.features - 1)), "above": draw(small)}
         return out
     if kind == "vector":
-        out = {"type": "vector", "vector": draw(st.sampled_from(["v", "w"])), "coef": draw(small)}
+        out = {"type": "vector", "vector": draw(st.sampled_from(w.vectors)), "coef": draw(small)}
         if draw(st.booleans()):
-            out["layer"] = 2
+            out["layer"] = w.vector_layer
         return out
     if kind == "inline":
-        return {"type": "vector", "layer": draw(st.sampled_from([1, 2])), "coef": draw(small),
-                "values": draw(st.lists(st.floats(-2, 2), min_size=D_MODEL, max_size=D_MODEL))}
-    return {"type": "logit", "sae": draw(st.sampled_from(["s", "t"])), "feature": draw(st.integers(0, 2)),
+        return {"type": "vector", "layer": draw(st.sampled_from(w.inline_layers)), "coef": draw(small),
+                "values": draw(st.lists(st.floats(-2, 2), min_size=w.d_model, max_size=w.d_model))}
+    return {"type": "logit", "sae": draw(st.sampled_from(w.saes)), "feature": draw(st.integers(0, w.features - 1)),
             "strength": draw(small)}
 
 
@@ -99,10 +115,10 @@ SCHEMA_KEYS = ["type", "sae", "feature", "mode", "strength", "value", "factor", 
 
 
 @st.composite
-def intervention(draw):
+def intervention(draw, w: World = TOY):
     """A valid intervention with 0-3 mutations: a field dropped, set to something hostile (a schema key, or a
     `when` sub-field), or an unknown key added."""
-    out = draw(valid_intervention())
+    out = draw(valid_intervention(w))
     for _ in range(draw(st.sampled_from([0, 0, 1, 1, 2, 3]))):
         op = draw(st.sampled_from(["drop", "set", "set", "when", "unknown"]))
         if op == "drop" and out:
@@ -119,10 +135,10 @@ def intervention(draw):
 
 
 @st.composite
-def steering_objects(draw):
+def steering_objects(draw, w: World = TOY):
     obj = {}
     if draw(st.integers(0, 19)):
-        ivs = draw(st.lists(maybe(intervention()), min_size=0, max_size=FACTS.max_interventions + 2))
+        ivs = draw(st.lists(maybe(intervention(w)), min_size=0, max_size=w.max_interventions + 2))
         obj["interventions"] = ivs if draw(st.integers(0, 19)) else draw(json_values)
     if draw(st.booleans()):
         obj["positions"] = draw(maybe(st.sampled_from(["all", "prompt", "generated", "middle"])))

@@ -11,8 +11,9 @@ Each instruction is read from the Dockerfile itself (nothing is copied by hand),
                          TORCH_INDEX_URL to use another)
   WORKDIR, COPY          under a temporary root (WORKDIR /opt/x -> ROOT/opt/x; COPY from the repository)
   RUN ...                /bin/sh -c, in the WORKDIR, with the venv first on PATH (so `pip` is the image's pip)
-  ENTRYPOINT             the smoke test runs it on a tiny model, on 127.0.0.1 (not 0.0.0.0) and a free port,
-                         and checks that a steered completion differs from the unsteered one
+  ENTRYPOINT             the smoke test runs it as `docker run IMAGE MODEL ARGS` would, on a tiny model, on
+                         127.0.0.1 (not 0.0.0.0) and a free port (not the EXPOSEd one), and checks that a
+                         steered completion differs from the unsteered one
 About 3 minutes and 3.5 GB (removed at the end unless --keep). Exit status 0 only if every step and the smoke
 test passed. tests/docker/test_dockerfiles.py runs it when SAE_STEER_DOCKER_STEPS=1."""
 from __future__ import annotations
@@ -78,11 +79,11 @@ def log(msg: str) -> None:
     print(f"[docker-steps] {msg}", flush=True)
 
 
-def run_steps(dockerfile: Path, root: Path) -> tuple[Path, dict, list[str], Path]:
-    """-> (venv, env, entrypoint argv, workdir)."""
+def run_steps(dockerfile: Path, root: Path) -> tuple[Path, dict, list[str], str]:
+    """-> (venv, env, entrypoint argv, exposed port)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
     env.pop("PYTHONPATH", None)
-    venv, workdir, entrypoint = root / "venv", root, []
+    venv, workdir, entrypoint, exposed = root / "venv", root, [], ""
     for ins in parse_dockerfile(dockerfile):
         t0 = time.time()
         if ins.cmd == "FROM":
@@ -141,13 +142,15 @@ def run_steps(dockerfile: Path, root: Path) -> tuple[Path, dict, list[str], Path
             subprocess.run(["/bin/sh", "-c", ins.args], cwd=workdir, env=env, check=True)
         elif ins.cmd == "ENTRYPOINT":
             entrypoint = json.loads(ins.args)
-        elif ins.cmd in ("EXPOSE", "LABEL", "CMD", "USER", "HEALTHCHECK"):
+        elif ins.cmd == "EXPOSE":
+            exposed = ins.args.split("/")[0]
+        elif ins.cmd in ("LABEL", "CMD", "USER", "HEALTHCHECK"):
             pass
         else:
             raise SystemExit(f"line {ins.line}: {ins.cmd} is not supported outside Docker")
         if ins.cmd in ("FROM", "RUN"):
             log(f"  {time.time() - t0:.0f} s")
-    return venv, env, entrypoint, workdir
+    return venv, env, entrypoint, exposed
 
 
 SMOKE = """
@@ -161,18 +164,21 @@ save_sae(random_sae(128, 256, 1, "relu", seed=0), root / "sae")
 """
 
 
-def smoke(venv: Path, env: dict, entrypoint: list[str], root: Path) -> None:
+def smoke(venv: Path, env: dict, entrypoint: list[str], exposed: str, root: Path) -> None:
     """The image's ENTRYPOINT on a tiny model, on loopback: a steered completion differs from an unsteered one."""
     python = venv / "bin" / "python"
     subprocess.run([str(python), "-c", SMOKE, str(root)], env=env, check=True, cwd=root)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [venv / "bin" / entrypoint[0], *entrypoint[1:]]
-    argv = [str(a) for a in argv]
-    argv[argv.index("--host") + 1], argv[argv.index("--port") + 1] = "127.0.0.1", str(port)
+    # The ENTRYPOINT as the image runs it, with `docker run IMAGE MODEL ARGS...` appended; it binds 127.0.0.1
+    # instead of 0.0.0.0, and a free port instead of the exposed one.
+    argv = [a.replace("0.0.0.0", "127.0.0.1").replace(f"--port {exposed}", f"--port {port}") for a in entrypoint]
+    if "--port" in argv and argv[argv.index("--port") + 1] == exposed:  # an exec-form ENTRYPOINT
+        argv[argv.index("--port") + 1] = str(port)
     argv += [str(root / "tiny"), "--sae", f"s={root / 'sae'}", "--dtype", "float32", "--max-model-len", "256",
              "--enforce-eager", "--served-model-name", "tiny"]
+    assert str(port) in " ".join(argv) and "0.0.0.0" not in " ".join(argv), argv
     log("smoke: " + " ".join(argv))
     senv = {**env, "VLLM_CPU_KVCACHE_SPACE": "1"}  # the image's 4 GiB is for real models
     with open(root / "serve.log", "w") as out:
@@ -224,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="sae-steer-docker-steps-"))
     t0 = time.time()
     try:
-        venv, env, entrypoint, _ = run_steps(Path(args.dockerfile), root)
+        venv, env, entrypoint, exposed = run_steps(Path(args.dockerfile), root)
         if not args.no_smoke:
-            smoke(venv, env, entrypoint, root)
+            smoke(venv, env, entrypoint, exposed, root)
         size = subprocess.run(["du", "-sh", str(venv)], capture_output=True, text=True).stdout.split()[0]
         log(f"done in {time.time() - t0:.0f} s; venv {size}")
     finally:

@@ -148,8 +148,17 @@ def test_entrypoints_and_compose():
     for path in (CPU, CUDA):
         ins = steps.parse_dockerfile(path)
         entry = json.loads(next(i.args for i in ins if i.cmd == "ENTRYPOINT"))
-        assert entry[:2] == ["sae-steer", "serve"] and entry[0] in scripts, entry
-        port = entry[entry.index("--port") + 1]
+        # `docker run IMAGE MODEL ARGS...`: what the ENTRYPOINT runs, with `sae-steer` replaced by echo
+        assert entry[:2] == ["/bin/sh", "-c"] and entry[2].startswith("exec sae-steer serve "), entry
+        assert "sae-steer" in scripts
+        echo = [*entry[:2], entry[2].replace("exec sae-steer", "exec echo", 1), *entry[3:]]
+        argv = subprocess.run([*echo, "/models/m", "--sae", "s=/models/sae"], capture_output=True, text=True,
+                              check=True).stdout.split()
+        # the model right after `serve`, as `sae-steer serve MODEL [...]` parses it (a --host before the model
+        # made its parser take 0.0.0.0 for the model)
+        assert argv[:4] == ["serve", "/models/m", "--sae", "s=/models/sae"], argv
+        assert argv[argv.index("--host") + 1] == "0.0.0.0"
+        port = argv[argv.index("--port") + 1]
         assert [i.args for i in ins if i.cmd == "EXPOSE"] == [port]
         # every path the image copies exists, and the packages pyproject installs are all copied
         copied = {src for i in ins if i.cmd == "COPY" for src in shlex.split(i.args)[:-1]}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -28,7 +29,6 @@ from hypothesis.errors import Unsatisfiable
 from tests.fuzz.test_spec_fuzz import World, json_values, names_a_real_field, steering_objects, valid_intervention
 from tests.server.conftest import ADMIN_KEY
 
-schemathesis = pytest.importorskip("schemathesis")
 
 ROUTES = re.compile(r"^/v1/(completions|chat/completions|steering/.*)$")
 EXAMPLES = {"/v1/completions": 50, "/v1/chat/completions": 40}  # per mode; other routes: DEFAULT_EXAMPLES

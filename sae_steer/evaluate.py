@@ -9,8 +9,9 @@ model answers each instruction (greedy, `max_tokens` tokens, chat template when 
     caa       a CAA vector (mean difference over local contrast pairs of each text's stream averaged over its
               positions, built on this engine through its own capture path: build_caa_vector) at each layer x coef
     sae       residual `add` of one SAE feature (found by searching the SAE's feature records for the concept's
-              words; without records, the feature whose decoder row is most aligned with the CAA vector at the
-              SAE's layer), strengths chosen so that the edit's norm equals coef x |CAA vector| at that layer
+              words; without a good hit there, the feature whose decoder row is most aligned with the CAA vector
+              at the SAE's layer: pick_feature), strengths chosen so that the edit's norm equals coef x |CAA vector|
+              at that layer
     logit     the same feature's logit-space steering, strength in logits at its most promoted token
 
 Every answer is scored 0-2 by three judges built from what is on this machine (no hosted judge):
@@ -51,6 +52,7 @@ DATA = Path(__file__).parent / "data"
 FLUENCY_NLL_MARGIN = (0.5, 1.5)  # nats/token above the unsteered median: <= first -> 2, <= second -> 1
 REPETITION_CAP = (0.5, 0.8)  # distinct word-trigram ratio: below first -> 0, below second -> at most 1
 RELEVANCE_PMI_FRACTION = (0.5, 0.2)  # of the unsteered median pmi: >= first -> 2, >= second -> 1
+MIN_RECORD_SCORE = 3  # feature-records search score a feature needs to be picked (pick_feature)
 RELEVANCE_BASE_FLOOR = 0.05  # nats/token: the base pmi used when the unsteered answers' median is below it
 
 
@@ -232,26 +234,33 @@ class Point:
 
 
 def pick_feature(sae, sae_dir: Path | None, concept: Concept, caa: dict[int, torch.Tensor]) -> tuple[int, str]:
-    """The SAE feature to steer with: the best hit of a feature-records search for the concept's words,
-    else the decoder row most aligned (cosine) with the CAA vector at the SAE's layer."""
+    """The SAE feature to steer with: the best hit of a feature-records search for the concept's words when it
+    scores at least MIN_RECORD_SCORE (3: one top context firing on a concept word, or more), else the decoder
+    row most aligned (cosine) with the CAA vector at the SAE's layer. A weaker hit (a word somewhere in a
+    context) says little: an SAE fitted on text without the concept has no feature for it to find."""
     from sae_steer.feature_records import RECORDS_FILE, FeatureRecords
+    weak = ""
     if sae_dir is not None and (sae_dir / RECORDS_FILE).is_file():
         book = FeatureRecords.load(sae_dir)
         totals: dict[int, int] = {}
         for word in concept.search_words:
             for hit in book.search(word, limit=20):
                 totals[hit["index"]] = totals.get(hit["index"], 0) + hit["score"]
-        if totals:
-            best = max(totals, key=lambda i: (totals[i], -i))
+        best = max(totals, key=lambda i: (totals[i], -i)) if totals else None
+        if best is not None and totals[best] >= MIN_RECORD_SCORE:
             return best, (f"feature records search for {concept.search_words}: feature {best} "
                           f"(score {totals[best]}, label {book.get(best).get('label')!r})")
+        weak = (f"feature records search for {concept.search_words}: best hit "
+                + (f"feature {best}, score {totals[best]} (label {book.get(best).get('label')!r})" if best is not None
+                   else "none") + f", below {MIN_RECORD_SCORE}; ")
     v = caa.get(sae.layer)
     if v is None:
         raise ValueError(f"no feature records beside the SAE and no CAA vector at its layer {sae.layer} to pick a "
                          f"feature with")
     cos = torch.nn.functional.cosine_similarity(sae.W_dec.float(), v.float()[None], dim=-1)
     best = int(cos.argmax())
-    return best, f"decoder row most aligned with the CAA vector at layer {sae.layer} (cosine {float(cos[best]):.3f})"
+    return best, (f"{weak}decoder row most aligned with the CAA vector at layer {sae.layer}: feature {best} "
+                  f"(cosine {float(cos[best]):.3f})")
 
 
 def sweep_points(caa: dict[int, torch.Tensor], layers: list[int], coefs: list[float], sae=None,

@@ -110,6 +110,14 @@ def find_feature(url: str, sae: str, words=SEARCH_WORDS) -> tuple[int | None, li
     return (ranked[0]["index"] if ranked else None), ranked[:5]
 
 
+def calibrated_feature(sae_dir: Path) -> int | None:
+    """The SAE feature with the best stored `add` calibration score, if any."""
+    from sae_steer.calibration import load_calibration
+    stored = (load_calibration(sae_dir, "sae") or {}).get("features", {})
+    scored = [(entry["add"].get("score") or 0.0, int(i)) for i, entry in stored.items() if "add" in entry]
+    return max(scored)[1] if scored else None
+
+
 def ask(url: str, prompt: str, steering: dict, max_tokens: int, telemetry: dict | None = None) -> dict:
     body = {"model": "demo", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0.0, "steering": {**steering, "compare": True}, "return_token_ids": True}
@@ -129,15 +137,22 @@ def show(model: Path, sae_dir: Path, vector: Path, prompts=PROMPTS, max_tokens: 
     server, url = start_server(model, {SAE_NAME: sae_dir}, {VECTOR_NAME: vector}, log_dir / "demo-server.log",
                                extra_args if extra_args is not None else ["--dtype", "bfloat16"])
     try:
-        feature, ranked = find_feature(url, SAE_NAME)
+        found, ranked = find_feature(url, SAE_NAME)
         out(f"\nSAE {SAE_NAME!r} (layer {LAYER}) features for {', '.join(SEARCH_WORDS)} (search route):")
         for hit in ranked:
             out(f"  feature {hit['index']:>5}  score {hit['score']:>3}  {hit['label']!r}  ({', '.join(hit['words'])})")
+        # The feature `sae-steer eval` measured best for the concept (it searches the same records, and falls back
+        # to the decoder row closest to the CAA vector when they hold nothing better); else the search's best.
+        calibrated = calibrated_feature(sae_dir)
+        feature = calibrated if calibrated is not None else found
+        if feature is not None and feature != found:
+            out(f"  steering with feature {feature}: the one `sae-steer eval` calibrated for {CONCEPT!r}")
         steerings = {"CAA cold vector, calibrated (coef auto)":
                      {"interventions": [{"type": "vector", "vector": VECTOR_NAME, "coef": "auto"}]}}
         if feature is not None:
-            steerings[f"SAE feature {feature}, calibrated add (strength auto)"] = {"interventions": [
-                {"type": "sae", "sae": SAE_NAME, "feature": feature, "mode": "add", "strength": "auto"}]}
+            strength, how = ("auto", "calibrated add (strength auto)") if feature == calibrated else (8.0, "add 8")
+            steerings[f"SAE feature {feature}, {how}"] = {"interventions": [
+                {"type": "sae", "sae": SAE_NAME, "feature": feature, "mode": "add", "strength": strength}]}
         jobs = [(p, name, s) for p in prompts for name, s in steerings.items()]
         with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: one batch, each request its own steering
             bodies = list(pool.map(lambda job: ask(url, job[0], job[2], max_tokens), jobs))

@@ -189,7 +189,8 @@ def top_features_per_token(url: str, prompt: str, steerings: dict, max_tokens: i
             labels[i] = requests.get(f"{url}/v1/steering/saes/{SAE_NAME}/features/{i}", timeout=60).json().get("label") or ""
         return labels[i]
 
-    out(f"\nTop features of {SAE_NAME!r} per token of the answer to {prompt!r} ({name}):")
+    out(f"\nTop features of {SAE_NAME!r} per token of the answer to {prompt!r} ({name}), read at the position "
+        f"that produced the token (the stream that predicted it):")
     for entry in choice["telemetry"]:
         token = tok.decode([choice["token_ids"][entry["token_index"]]])
         feats = ", ".join(f"{f['index']} ({f['activation']:.1f}) {label(f['index'])!r}" for f in entry["features"])

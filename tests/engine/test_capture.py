@@ -23,14 +23,16 @@ TEXTS = ["Permission is hereby granted, free of charge, to any person obtaining 
 
 @pytest.fixture(scope="module")
 def captured(artifacts, mode, tmp_path_factory):
+    from sae_steer.vllm_plugin import observers
     out = tmp_path_factory.mktemp(f"capture-{mode}")
+    before = set(observers.check_runtime_dir().iterdir())  # the directory is shared with whatever ran before
     llm = make_llm(artifacts, mode, settings={"layers": LAYERS}, max_num_batched_tokens=64)
     try:
         manifest = capture_activations(llm, TEXTS, LAYERS, out, max_tokens_per_text=100, shard_tokens=50,
                                        dtype=torch.float32, batch_texts=3)
     finally:
         close(llm)
-    return out, manifest
+    return out, manifest, before
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def hf_reference(artifacts):
 
 
 def test_capture_equals_hf_hidden_states(captured, hf_reference):
-    out, manifest = captured
+    out, manifest, _ = captured
     expected_tokens = sum(len(ids) for ids, _ in hf_reference.values())
     assert manifest["n_tokens"] == expected_tokens and manifest["layers"] == LAYERS
     assert max(len(ids) for ids, _ in hf_reference.values()) > 64  # a text went through chunked prefill
@@ -76,4 +78,5 @@ def test_capture_equals_hf_hidden_states(captured, hf_reference):
 
 def test_capture_leaves_no_files_in_the_runtime_dir(captured):
     from sae_steer.vllm_plugin import observers
-    assert not [p for p in observers.runtime_dir().iterdir() if p.name.startswith("cap")]
+    _, _, before = captured
+    assert not [p for p in set(observers.runtime_dir().iterdir()) - before if p.name.startswith("cap")]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import reprlib
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Union
@@ -170,9 +171,19 @@ def parse_steering(raw, facts: ModelFacts) -> Steering:
     return steering
 
 
+_ECHO = reprlib.Repr()  # (attributes, not keywords: Python 3.10/3.11)
+_ECHO.maxlevel, _ECHO.maxstring, _ECHO.maxother, _ECHO.maxlist, _ECHO.maxdict = 3, 60, 60, 6, 6
+
+
+def echo(value) -> str:
+    """A client's value in an error message: bounded in depth and length (a deeply nested or huge value must
+    neither overflow the interpreter's recursion limit nor be copied into the message)."""
+    return _ECHO.repr(value)
+
+
 def _check_number(x: float | None, where: str, limit: float) -> None:
     if x is not None and (not math.isfinite(x) or abs(x) > limit):
-        raise SteeringError(where, f"must be finite with magnitude <= {limit:g}, got {x!r}")
+        raise SteeringError(where, f"must be finite with magnitude <= {limit:g}, got {echo(x)}")
 
 
 def _check_intervention(iv, where: str, facts: ModelFacts) -> None:
@@ -230,7 +241,7 @@ OBSERVER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")  # ids name files: no
 def check_observer_id(raw, where: str) -> str:
     """An id made by the HTTP server (uuid hex) that names the observer's files in the runtime directory."""
     if not isinstance(raw, str) or not OBSERVER_ID.fullmatch(raw):
-        raise SteeringError(where, f"must be 1-64 letters, digits or '-' (not starting with '-'), got {raw!r}")
+        raise SteeringError(where, f"must be 1-64 letters, digits or '-' (not starting with '-'), got {echo(raw)}")
     return raw
 
 
@@ -247,10 +258,10 @@ def parse_telemetry(raw, facts: ModelFacts, where: str = "telemetry", internal: 
         raise SteeringError(f"{where}.{unknown[0]}", f"unknown field; expected {list(expected)}")
     sae = raw.get("sae")
     if not isinstance(sae, str) or sae not in facts.saes:
-        raise SteeringError(f"{where}.sae", f"unknown SAE {sae!r}; registered: {sorted(facts.saes)}")
+        raise SteeringError(f"{where}.sae", f"unknown SAE {echo(sae)}; registered: {sorted(facts.saes)}")
     k = raw.get("top_k", 5)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_TELEMETRY_TOP_K:
-        raise SteeringError(f"{where}.top_k", f"must be an integer in 1..{MAX_TELEMETRY_TOP_K}, got {k!r}")
+        raise SteeringError(f"{where}.top_k", f"must be an integer in 1..{MAX_TELEMETRY_TOP_K}, got {echo(k)}")
     out = {"sae": sae, "top_k": k}
     if internal:
         out["id"] = check_observer_id(raw.get("id"), f"{where}.id")
@@ -272,7 +283,7 @@ def parse_capture(raw, facts: ModelFacts, where: str = "capture") -> dict:
         raise SteeringError(f"{where}.{unknown[0]}", "unknown field; expected ['id', 'layers', 'positions']")
     positions = raw.get("positions", "last")
     if positions not in CAPTURE_POSITIONS:
-        raise SteeringError(f"{where}.positions", f"must be one of {list(CAPTURE_POSITIONS)}, got {positions!r}")
+        raise SteeringError(f"{where}.positions", f"must be one of {list(CAPTURE_POSITIONS)}, got {echo(positions)}")
     return {"id": check_observer_id(raw.get("id"), f"{where}.id"),
             "layers": check_capture_layers(raw.get("layers"), facts, f"{where}.layers"), "positions": positions}
 

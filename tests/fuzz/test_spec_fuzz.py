@@ -293,15 +293,9 @@ PARSERS = {"steering": lambda r: parse_steering(r, FACTS), "telemetry": lambda r
            "capture": lambda r: parse_capture(r, FACTS)}
 
 
-# Found by this file: these messages echo the input with {!r}, which raises RecursionError past the
-# interpreter's recursion limit (and would copy a huge value into the message). The fix belongs in spec.py
-# (a bounded repr); strict xfail, so the fix turns these into failures until the marks are removed.
-ECHO_BUG = pytest.mark.xfail(raises=RecursionError, strict=True,
-                             reason="spec.py echoes the input with !r: RecursionError on deep nesting")
-ECHOED = {"telemetry.top_k", "telemetry.sae", "capture.id", "capture.positions"}
-
-
-@pytest.mark.parametrize("field", [pytest.param(f, marks=ECHO_BUG) if f in ECHOED else f for f in sorted(DEEP_CASES)])
+# Found by this file: these messages echoed the input with {!r}, which raised RecursionError past the
+# interpreter's recursion limit; spec.echo bounds the repr.
+@pytest.mark.parametrize("field", sorted(DEEP_CASES))
 def test_deep_nesting_is_a_named_error(field):
     """Nesting deeper than the interpreter's recursion limit, in fields whose errors echo the input."""
     raw, root = DEEP_CASES[field]

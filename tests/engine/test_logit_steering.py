@@ -76,24 +76,23 @@ HEADS = {"gpt2": ("transformer.ln_f", lambda w: w, True), "gemma2": ("model.norm
          "gemma3": ("model.norm", lambda w: 1 + w, False), "gpt_neox": ("gpt_neox.final_layer_norm", lambda w: w, True)}
 
 
-@pytest.mark.parametrize("family", sorted(HEADS))
-def test_logit_steering_in_other_families(family, tmp_path):
+def hf_logit_reference(model_dir: str, sae_path: str, family: str, prompts: list[list[int]]) -> list[list[int]]:
+    """Builds the tiny model of `family` in model_dir, then Hugging Face greedy tokens: prompts[0] plain, prompts[1]
+    with the bias of feature 5 at strength 8 added to every step's logits, prompts[1] plain. The bias is written
+    out here: 8 * l / max|l|, l = W_U (g * u)."""
     import operator
 
     from transformers import AutoModelForCausalLM
-    from vllm import LLM
 
-    from sae_steer.formats import save_sae
-    from sae_steer.tiny_model import build_tiny_model, random_sae
-
-    model_dir = build_tiny_model(tmp_path / family, family, layers=2)
-    sae = random_sae(128, 32, 0, "relu", seed=3)
-    sae_dir = save_sae(sae, tmp_path / "sae")
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    from sae_steer.formats import load_sae
+    from sae_steer.tiny_model import build_tiny_model
+    build_tiny_model(model_dir, family, layers=2)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     norm_path, gain_of, centered = HEADS[family]
     W_U = hf.get_output_embeddings().weight.detach()
     g = gain_of(operator.attrgetter(norm_path)(hf).weight.detach())
-    u = sae.W_dec[5] - sae.W_dec[5].mean() if centered else sae.W_dec[5]
+    d = load_sae(sae_path).W_dec[5]
+    u = d - d.mean() if centered else d
     lens = W_U @ (g * u)
     bias = 8.0 * lens / lens.abs().max()
 
@@ -105,9 +104,32 @@ def test_logit_steering_in_other_families(family, tmp_path):
                 seq.append(int((logits + bias if with_bias else logits).argmax()))
         return seq[len(p):]
 
+    return [greedy(prompts[0], False), greedy(prompts[1], True), greedy(prompts[1], False)]
+
+
+@pytest.mark.parametrize("family", sorted(HEADS))
+def test_logit_steering_in_other_families(family, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vllm import LLM
+
+    from sae_steer.formats import save_sae
+    from sae_steer.tiny_model import random_sae
+
+    model_dir = tmp_path / family  # built by the reference's process
+    sae_dir = save_sae(random_sae(128, 32, 0, "relu", seed=3), tmp_path / "sae")
     prompts = [prompt(800, 9), prompt(801, 12)]
-    # the references first: vLLM's Transformers backend (GPT-NeoX) patches the Hugging Face classes it runs
-    unsteered, steered, unbiased = greedy(prompts[0], False), greedy(prompts[1], True), greedy(prompts[1], False)
+    # Model and reference in a fresh process: vLLM's Transformers backend (GPT-NeoX) decorates the Hugging Face
+    # model classes it runs in every process that built such an engine (earlier tests in this session may have).
+    code = ("import json, sys; from tests.engine.test_logit_steering import hf_logit_reference; "
+            "print(json.dumps(hf_logit_reference(*json.loads(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([str(model_dir), str(sae_dir), family, prompts])],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    unsteered, steered, unbiased = json.loads(proc.stdout.strip().splitlines()[-1])
     assert steered != unbiased
     llm = LLM(model=str(model_dir), enforce_eager=True, dtype="float32", max_model_len=256, seed=0, block_size=32,
               max_num_seqs=8, additional_config={"sae_steer": {"saes": {"s": str(sae_dir)}}})

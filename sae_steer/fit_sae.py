@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import json
+import operator
 import os
 import sys
 import sysconfig
@@ -247,7 +248,8 @@ def evaluate(model_path: str, layer: int, sae, texts: list[str], max_tokens: int
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    block = model.model.layers[layer]
+    from sae_steer.vllm_plugin.adapters import family_of
+    block = operator.attrgetter(family_of(model.config.architectures).hf_blocks)(model)[layer]
     mode, sums = {"value": "clean"}, {"sse": 0.0, "sst": 0.0, "l0": 0.0, "n": 0}
     mean_stream = mean_stream.float()
 

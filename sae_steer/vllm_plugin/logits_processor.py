@@ -119,6 +119,7 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         device = device_or_req_states
         steering_op.set_table(None)  # never steer with a table left by an earlier engine in this process
         steering_op.on_model_loaded = None
+        steering_op._runner = None  # nor keep an earlier engine's runner (and its model) alive
         if self.facts is None:
             return
         # Only engines that ask for steering wire the op into the worker (see vllm_plugin/__init__.py).

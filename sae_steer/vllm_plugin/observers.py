@@ -110,6 +110,18 @@ def _name(observer_id: str, suffix: str) -> str:
     return f"{observer_id}{suffix}"
 
 
+def _listdir() -> list[str]:
+    """The runtime directory's names, through a descriptor of this call's own: os.listdir on the shared one
+    would share its read position with every thread listing at the same time (CPython dups the descriptor,
+    and dups share the offset), so concurrent readers got partial lists: captures read as incomplete, files
+    left behind by discard."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=_dir_fd())
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
 def _open(name: str, flags: int, mode: int = 0o600) -> int:
     """Open a file in the runtime directory, never through a symlink; only our own regular files."""
     fd = os.open(name, flags | _NOFOLLOW | os.O_NONBLOCK, mode, dir_fd=_dir_fd())  # O_NONBLOCK: a FIFO never blocks
@@ -225,7 +237,7 @@ def read_capture_positions(observer_id: str, layer: int, n_positions: int) -> to
     """The stream at prompt positions 0..n_positions-1, [n_positions, d], assembled from the chunk files of
     a `positions: "all"` capture; None until every position has arrived."""
     prefix = _name(observer_id, f".L{layer}.p")
-    names = [n for n in os.listdir(_dir_fd()) if n.startswith(prefix) and n.endswith(".safetensors")]
+    names = [n for n in _listdir() if n.startswith(prefix) and n.endswith(".safetensors")]
     out, seen = None, torch.zeros(n_positions, dtype=torch.bool)
     for name in names:
         with os.fdopen(_open(name, os.O_RDONLY), "rb") as f:
@@ -241,7 +253,7 @@ def read_capture_positions(observer_id: str, layer: int, n_positions: int) -> to
 def discard(observer_id: str) -> None:
     prefix = _name(observer_id, ".")
     dfd = _dir_fd()
-    for name in os.listdir(dfd):
+    for name in _listdir():
         if name.startswith(prefix):
             try:
                 os.unlink(name, dir_fd=dfd)

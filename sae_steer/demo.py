@@ -57,7 +57,8 @@ def prepare() -> tuple[Path, Path, Path]:
     vector = evaluate.default_vector_out("smollm2", CONCEPT)
     if calibration.load_calibration(vector, "vector") is None or calibration.load_calibration(sae_dir, "sae") is None:
         _say(f"3/3 calibration: `sae-steer eval` for {CONCEPT!r} (first run only, a few minutes)")
-        evaluate.run_eval_command("smollm2", concept=CONCEPT, sae=str(sae_dir), vector_out=vector)
+        evaluate.run_eval_command("smollm2", concept=CONCEPT, sae=str(sae_dir), vector_out=vector,
+                                  results_dir=vector.parent / "eval-results")  # the cache, not the working tree
     else:
         _say(f"3/3 calibration: beside {vector} and in {sae_dir} (cached)")
     _say(f"ready in {time.monotonic() - started:.0f} s")

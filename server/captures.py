@@ -81,19 +81,19 @@ async def capture(body: CaptureRequest, raw_request: Request):
     writer = ShardWriter(out_dir, layers, SHARD_TOKENS, torch.float16)
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread((out_dir / "manifest.json").unlink, missing_ok=True)
-    # One text in flight per capture: with several at once, a capture was sometimes incomplete (a 503 the fuzzer
-    # found; the offline path, which batches, is not affected: see the closing note of issue 12).
+    batch = 64  # texts in flight at once (the capture slots bound the engine requests); shards in text order
     d_model = None
-    for n, (doc, ids) in enumerate(docs, 1):
-        got = await one(ids)
-        missing = [L for L, x in got.items() if x is None]
-        if missing:
-            return error(f"no activation captured for texts[{doc}] at layers {missing}; the engine's workers must "
-                         "share this server's host and runtime directory", status=HTTPStatus.SERVICE_UNAVAILABLE)
-        d_model = got[layers[0]].shape[-1]
-        await asyncio.to_thread(writer.add, got, ids, doc)
-        if n % 64 == 0 or n == len(docs):
-            logger.info("sae-steer: capture %r: %d/%d texts", body.name, n, len(docs))
+    for b in range(0, len(docs), batch):
+        chunk = docs[b:b + batch]
+        acts = await asyncio.gather(*(one(ids) for _, ids in chunk))
+        for (doc, ids), got in zip(chunk, acts):
+            missing = [L for L, x in got.items() if x is None]
+            if missing:
+                return error(f"no activation captured for texts[{doc}] at layers {missing}; the engine's workers must "
+                             "share this server's host and runtime directory", status=HTTPStatus.SERVICE_UNAVAILABLE)
+            d_model = got[layers[0]].shape[-1]
+            await asyncio.to_thread(writer.add, got, ids, doc)
+        logger.info("sae-steer: capture %r: %d/%d texts", body.name, min(b + batch, len(docs)), len(docs))
     await asyncio.to_thread(writer.close)
     manifest = await asyncio.to_thread(write_manifest, out_dir, writer, layers, d_model, torch.float16, len(docs),
                                        limit, str(st.model_path), time.monotonic() - start)

@@ -284,12 +284,9 @@ def test_deep_nesting_over_http(fuzz_server, field, depth):
     assert error_of(response)["param"]
 
 
-# Found by test_openapi_fuzz (SAE_STEER_FUZZ_RANDOM=1): a capture of several texts at once sometimes loses
-# activations and answers 503 ("no activation captured for texts[i] ...; the engine's workers must share this
-# server's host") on a single-host server. One text at a time always worked (10 of 10), CAA builds (last
-# position only) too (6 of 6); with 5 texts, between 1 in 10 and 12 in 15 requests failed here, so the
-# mark is not strict: the test stops at the first failure and documents the reproducer.
-@pytest.mark.xfail(strict=False, reason="POST /v1/steering/captures with several texts: intermittent 503")
+# Found by test_openapi_fuzz (SAE_STEER_FUZZ_RANDOM=1): a capture of several texts at once sometimes answered 503
+# ("no activation captured ...") on a single-host server: concurrent listings of the runtime directory through
+# one shared descriptor returned partial lists (fixed in observers._listdir). 30 captures of 5 texts each.
 def test_capture_of_several_texts_is_not_a_5xx(fuzz_server):
     texts = ["hello there friend", "good morning all", "the cat sat", "a dog ran far", "blue sky today"]
     for i in range(30):

@@ -69,9 +69,6 @@ def test_server_rss_stays_bounded(soaked):
     assert rss["growth_after_warmup_pct"] <= RSS_GROWTH_PCT, rss
 
 
-@pytest.mark.xfail(strict=False, reason="known leak (issue 12 soak), cause not found: rarely (about 1 in 100 builds "
-                   "under load) a CAA capture file reappears after the API read and discarded it; see the soak results' "
-                   "checks.runtime_dir. (Telemetry files of vanished clients no longer leak: test_runtime_dir.py)")
 def test_no_telemetry_or_capture_file_is_left_behind(soaked):
     runtime = soaked[0]["checks"].get("runtime_dir")
     assert runtime is not None, "the server's runtime directory was not found"

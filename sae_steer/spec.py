@@ -1,11 +1,14 @@
 """The `steering` object of a request: pydantic models and validation against the served model.
 
-Two stages, both raising SteeringError with the offending field's path
-(e.g. `steering.interventions[2].feature`):
-  parse_steering(raw, facts)  shape/type checks (pydantic) + checks that need the model:
-                              known SAE/vector names, feature range, vector length, layer range,
-                              number of interventions, finite and bounded magnitudes.
-The same function runs in the API process (admission, -> HTTP 400) and in the worker.
+parse_steering(raw, facts) raises SteeringError with the offending field's path
+(e.g. `steering.interventions[2].feature`): shape/type checks (pydantic) and the checks that need
+the model (known SAE/vector names, feature range, vector length, layer range, number of
+interventions, finite and bounded magnitudes), after resolving "auto" (calibration.py).
+
+Each request's steering is parsed once per process: in the front end (the HTTP server's check, or
+vLLM's admission: `validate_params`), which sends `Steering.wire()` to the workers, and once in the
+worker, from that plain data (only plain data crosses the process boundary). An `Admitted` is a
+Steering already checked in this process: admission takes it as is.
 """
 from __future__ import annotations
 
@@ -105,10 +108,13 @@ class Steering(_Strict):
     interventions: list[Intervention] = Field(min_length=1)
     positions: Literal["all", "prompt", "generated"] = "all"  # residual-stream edits only (not `logit`)
 
+    def wire(self) -> dict:
+        """The plain data that crosses the process boundary to the workers ("auto" already resolved)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
     def fingerprint(self) -> str:
         """Stable hash of everything that changes the forward pass (cache salt, slot sharing)."""
-        canonical = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        return hashlib.sha256(json.dumps(self.wire(), sort_keys=True).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,21 @@ class ModelFacts:
     calibrations: dict[str, dict] = field(default_factory=dict)  # name -> stored calibration (calibration.py)
 
 
+@dataclass(frozen=True, eq=False)
+class Admitted:
+    """A Steering parsed and checked against `facts` in this process (the HTTP server does so before it
+    hands a request to vLLM): parse_steering returns it as is for the same facts. Immutable, so copies
+    (vLLM deep-copies a request's params) are the object itself."""
+    steering: Steering
+    facts: ModelFacts
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def _path(loc) -> str:
     out = "steering"
     for i, part in enumerate(loc):
@@ -149,6 +170,10 @@ def _path(loc) -> str:
 
 def parse_steering(raw, facts: ModelFacts) -> Steering:
     """Validate a request's `steering` object; raises SteeringError naming the field."""
+    if isinstance(raw, Admitted):
+        if raw.facts is facts:
+            return raw.steering
+        raw = raw.steering.wire()  # checked against another engine's facts: check again
     if not isinstance(raw, dict):
         raise SteeringError("steering", f"must be an object, got {type(raw).__name__}")
     for key in ("telemetry", "compare"):

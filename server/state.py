@@ -15,7 +15,7 @@ from fastapi import Request
 
 from sae_steer.features import LogitLens, load_labels
 from sae_steer.server.auth import admin_key
-from sae_steer.spec import parse_steering
+from sae_steer.spec import Admitted, SteeringError, VectorIntervention, parse_steering
 from sae_steer.vllm_plugin import facts, observers
 
 logger = logging.getLogger("vllm.sae_steer")
@@ -60,21 +60,27 @@ class SteeringState:
 
     # ---- steering with built vectors: expanded to inline vectors, so workers need no new files ----
 
-    def check_steering(self, raw) -> dict:
-        """Validate against the served model and the built vectors (so errors name the user's own
-        fields), then rewrite each built vector as inline vectors, one per layer."""
+    def check_steering(self, raw) -> Admitted:
+        """Validate against the served model and the built vectors (so errors name the user's own fields);
+        each built vector becomes inline vectors, one per layer. The result is what vLLM's admission takes
+        without parsing it again."""
         built = {name: frozenset(layers) for name, layers in self.built.items()}
         steering = parse_steering(raw, replace(self.facts, vectors={**self.facts.vectors, **built}))
-        out = steering.model_dump(mode="json", exclude_none=True)
-        interventions = []
-        for iv, dumped in zip(steering.interventions, out["interventions"]):
-            if getattr(iv, "vector", None) in self.built:
-                layers = self.built[iv.vector]
-                interventions += [{"type": "vector", "layer": L, "values": layers[L].tolist(), "coef": iv.coef}
-                                  for L in sorted(layers) if iv.layer in (None, L)]
-            else:
-                interventions.append(dumped)
-        return {**out, "interventions": interventions}
+        if not any(getattr(iv, "vector", None) in self.built for iv in steering.interventions):
+            return Admitted(steering, self.facts)
+        interventions, limit = [], self.facts.max_abs_value
+        for i, iv in enumerate(steering.interventions):
+            if getattr(iv, "vector", None) not in self.built:
+                interventions.append(iv)
+                continue
+            for L, v in sorted(self.built[iv.vector].items()):
+                if iv.layer not in (None, L):
+                    continue
+                if not (torch.isfinite(v).all() and v.abs().max() <= limit):  # as inline values are checked
+                    raise SteeringError(f"steering.interventions[{i}].vector", f"built vector {iv.vector!r} has "
+                                        f"values at layer {L} that are not finite or exceed {limit:g}")
+                interventions.append(VectorIntervention(type="vector", layer=L, values=v.tolist(), coef=iv.coef))
+        return Admitted(steering.model_copy(update={"interventions": interventions}), self.facts)
 
     # ---- model pieces for the logit lens, loaded on first use in this process ----
 

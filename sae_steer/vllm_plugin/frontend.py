@@ -3,24 +3,34 @@
 - records the engine's steering facts when the input processor is built, so that
   `SteeringLogitsProcessor.validate_params` can check requests against the served model;
   bad sae_steer settings fail here, loudly, at startup;
-- resolves `"auto"` coefs/strengths to their calibrated numbers (calibration.py) on the request's copy
-  of its params, so the worker sees numbers;
+- takes the Steering that `validate_params` parsed at admission (inside process_inputs, same thread)
+  and puts its plain form (`Steering.wire()`: "auto" resolved to calibrated numbers) on the request's
+  own copy of its params: the worker parses that, and nothing in this process parses it again;
 - salts the prefix cache of steered requests: a steered prompt's KV blocks depend on its
   steering, so they must never be shared with unsteered (or differently steered) requests.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
+import threading
 
+from sae_steer.spec import Steering
 from sae_steer.vllm_plugin import facts
 
 SALT_TAG = "sae_steer:"
 
+# validate_params -> the process_inputs call it runs in: (the raw value it parsed, the Steering)
+_admitted = threading.local()
 
-def steering_salt(steering) -> str:
-    return SALT_TAG + hashlib.sha256(json.dumps(steering, sort_keys=True).encode()).hexdigest()[:32]
+
+def admit(raw, steering: Steering) -> None:
+    _admitted.value = (raw, steering)
+
+
+def steering_arg(params):
+    """The `steering` value of a request's params (None for pooling params or no steering)."""
+    extra = getattr(params, "extra_args", None)
+    return extra.get("steering") if isinstance(extra, dict) else None
 
 
 def install() -> None:
@@ -35,21 +45,23 @@ def install() -> None:
         facts.record(vllm_config)
 
     @functools.wraps(process_inputs)
-    def salted_process_inputs(self, *args, **kwargs):
-        request = process_inputs(self, *args, **kwargs)  # validates the steering first
-        params = request.sampling_params
-        steering = (params.extra_args or {}).get("steering") if params is not None else None
-        if steering is not None and facts.current() is not None:
-            # "coef"/"strength": "auto" -> the calibrated numbers (calibration.py), on the request's own copy
-            # (a shallow clone may share extra_args with the caller's params: replace the dict, not edit it)
-            from sae_steer.calibration import resolve_auto
-            resolved = resolve_auto(steering, facts.current().calibrations)
-            if resolved is not steering:
-                params.extra_args = {**params.extra_args, "steering": resolved}
-                steering = resolved
-        if steering is not None:
-            request.cache_salt = f"{request.cache_salt or ''}|{steering_salt(steering)}"
+    def steered_process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        _admitted.value = None
+        request = process_inputs(self, request_id, prompt, params, *args, **kwargs)  # runs validate_params
+        raw = steering_arg(params)
+        if raw is None:
+            return request
+        admitted = _admitted.value
+        _admitted.value = None
+        if admitted is None or admitted[0] is not raw:  # never send steering that admission did not check
+            raise RuntimeError("sae-steer: this request's steering was not checked at admission "
+                               "(SteeringLogitsProcessor.validate_params did not run for it)")
+        steering = admitted[1]
+        # The request's own copy (vLLM cloned the caller's params): replace the dict, never edit it.
+        own = request.sampling_params
+        own.extra_args = {**own.extra_args, "steering": steering.wire()}
+        request.cache_salt = f"{request.cache_salt or ''}|{SALT_TAG}{steering.fingerprint()}"
         return request
 
-    InputProcessor.__init__, InputProcessor.process_inputs = __init__, salted_process_inputs
+    InputProcessor.__init__, InputProcessor.process_inputs = __init__, steered_process_inputs
     InputProcessor._sae_steer_installed = True

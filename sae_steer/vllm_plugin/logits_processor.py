@@ -28,16 +28,12 @@ except ImportError:  # pragma: no cover - older vLLM: V1 only
 
 from sae_steer.registry import Registry
 from sae_steer.spec import LogitIntervention, SteeringError, parse_capture, parse_steering, parse_telemetry
-from sae_steer.vllm_plugin import adapters, engine_config, facts, observers, steering_op
+from sae_steer.vllm_plugin import adapters, engine_config, facts, frontend, observers, steering_op
 from sae_steer.vllm_plugin.logit_bias import LogitBias, head_of_vllm
 from sae_steer.vllm_plugin import install_worker_hooks
 from sae_steer.vllm_plugin.table import SteeringTable
 
 logger = logging.getLogger("vllm.sae_steer")
-
-
-def _steering_arg(params):
-    return (params.extra_args or {}).get("steering") if params is not None else None
 
 
 def _split(steering):
@@ -72,7 +68,7 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         try:
             if not isinstance(extra, dict):
                 raise SteeringError("extra_args", f"must be a dict, got {type(extra).__name__}")
-            # None is absent (as in the worker's _steering_arg / _observe_arg)
+            # None is absent (as in frontend.steering_arg and the worker's _observe_arg)
             ours = sorted(k for k, v in extra.items() if v is not None and (k == "steering" or (
                 isinstance(k, str) and k.startswith("sae_steer_"))))
             if not ours:
@@ -85,8 +81,8 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
             if model_facts is None:
                 raise SteeringError(ours[0], "this engine does not serve steering: start it with "
                                              "additional_config={'sae_steer': {...}} and the sae_steer plugin enabled")
-            if "steering" in ours:
-                parse_steering(extra["steering"], model_facts)
+            if "steering" in ours:  # parsed once in this process: frontend.py sends what this returns
+                frontend.admit(extra["steering"], parse_steering(extra["steering"], model_facts))
             if observers.TELEMETRY_KEY in ours:
                 parse_telemetry(extra[observers.TELEMETRY_KEY], model_facts, observers.TELEMETRY_KEY, internal=True)
             if observers.CAPTURE_KEY in ours:
@@ -167,11 +163,11 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
             self.logit.update(logit_added, list(batch_update.removed), moved, self._logit_bias)
 
     def _parse(self, params):
-        steering = _steering_arg(params)
+        steering = frontend.steering_arg(params)
         if steering is None:
             return None
-        # Already validated at admission against the same settings; re-parsed here because only
-        # plain data crosses the process boundary.
+        # Checked at admission against the same settings; parsed (once) here because only plain data
+        # (Steering.wire()) crosses the process boundary.
         return parse_steering(steering, self.facts)
 
     def _read_head(self, model: torch.nn.Module) -> None:

@@ -93,3 +93,46 @@ def test_a_prepared_runtime_directory_fails_observing_requests_at_admission(llm,
     assert e.value.parameter == C and "mode 0777" in str(e.value)
     assert list(bad.iterdir()) == []
     assert len(generate(engine, None)) == 4
+
+
+def test_steering_is_parsed_once_in_the_front_end_and_once_in_the_worker(llm, monkeypatch):
+    """In-process, the front end and the worker share this process: one request's steering is validated by
+    pydantic exactly twice, once at admission (the caller's object, left as it was) and once in the worker
+    (from the plain data the front end sent). An already admitted Steering (what the HTTP server hands vLLM)
+    is not parsed again at admission: once, in the worker."""
+    import copy
+
+    from vllm import SamplingParams
+
+    from sae_steer import spec
+    from sae_steer.vllm_plugin import facts
+    engine, _ = llm
+    seen = []
+    validate = spec.Steering.model_validate.__func__
+
+    def counting(cls, obj, *args, **kwargs):
+        seen.append(obj)
+        return validate(cls, obj, *args, **kwargs)
+
+    monkeypatch.setattr(spec.Steering, "model_validate", classmethod(counting))
+    raw = {"interventions": [{"type": "sae", "sae": "jump-l2", "feature": 3, "mode": "add", "strength": 8.0},
+                             {"type": "vector", "vector": "calm", "coef": 2.0}]}
+    before = copy.deepcopy(raw)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, extra_args={"steering": raw})
+    tokens = [o.outputs[0].token_ids for o in engine.generate([{"prompt_token_ids": prompt(1, 12)}], params,
+                                                               use_tqdm=False)]
+    assert len(seen) == 2, seen
+    assert seen[0] == before and params.extra_args["steering"] is raw and raw == before
+    # the worker's input: plain data, with the values written out ("coef" of the named vector kept as given)
+    assert seen[1] is not raw and seen[1] == {"interventions": [
+        {"type": "sae", "sae": "jump-l2", "feature": 3, "mode": "add", "strength": 8.0},
+        {"type": "vector", "vector": "calm", "coef": 2.0}], "positions": "all"}
+
+    seen.clear()
+    admitted = spec.Admitted(spec.parse_steering(raw, facts.current()), facts.current())
+    seen.clear()
+    again = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, extra_args={"steering": admitted})
+    assert [o.outputs[0].token_ids for o in engine.generate([{"prompt_token_ids": prompt(1, 12)}], again,
+                                                             use_tqdm=False)] == tokens
+    assert len(seen) == 1 and isinstance(seen[0], dict), seen
+    assert tokens[0] != generate(engine, None), "the steering changed the tokens (or this test proves nothing)"

@@ -79,3 +79,18 @@ def test_good_steering_parses_and_fingerprints_stably():
     assert a.interventions[2].edit_coefficients() == (0.0, 0.0)
     assert parse_steering(steer(sae(strength=2.0)), FACTS).fingerprint() != a.fingerprint()
     assert parse_steering(steer(inline(), vec()), FACTS).interventions[0].layer == 2
+
+
+def test_an_admitted_steering_is_taken_as_is_for_its_facts_and_checked_again_for_others():
+    from dataclasses import replace
+
+    from sae_steer.spec import Admitted
+    raw = {"interventions": [{"type": "vector", "layer": 1, "values": [1.0, 2.0, 3.0, 4.0], "coef": 2.0}]}
+    steering = parse_steering(raw, FACTS)
+    assert parse_steering(Admitted(steering, FACTS), FACTS) is steering
+    assert parse_steering(Admitted(steering, replace(FACTS)), FACTS) == steering  # equal facts, another object
+    narrower = replace(FACTS, steerable_layers=frozenset({2}))
+    with pytest.raises(SteeringError) as e:
+        parse_steering(Admitted(steering, FACTS), narrower)
+    assert e.value.field == "steering.interventions[0].layer"
+    assert steering.wire() == {**raw, "positions": "all"}

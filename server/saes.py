@@ -1,8 +1,8 @@
 """GET /v1/steering/saes, /v1/steering/saes/{name}/features/{index} (decoder norm, logit-lens top tokens,
 label, and, where the SAE has feature records beside it, its top-activating contexts, activation frequency
 and automatic label) and /v1/steering/saes/{name}/features?search=WORD (features whose contexts or
-logit-lens tokens mention the word). The logit lens and the records load on first use, in a worker
-thread: the event loop never waits on them."""
+logit-lens tokens mention the word). The logit lens (read from the model's safetensors by its family's
+names), the SAE and the records load on first use, in a worker thread: the event loop never waits on them."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +11,7 @@ from http import HTTPStatus
 from fastapi import APIRouter, Request
 
 from sae_steer.server.errors import error
-from sae_steer.server.state import state
+from sae_steer.server.state import LogitLensUnavailable, state
 
 router = APIRouter()
 
@@ -35,17 +35,19 @@ async def describe_feature(name: str, index: int, raw_request: Request, top_k: i
     if not 1 <= top_k <= 100:
         return error("top_k must be in 1..100", "top_k")
 
-    def describe() -> dict:  # loads the lens and tokenizer on first use: in a worker thread
-        lens = st.logit_lens()
-        lens_tokens = lens.top_tokens(name, index, top_k)
+    def describe():  # loads the lens, SAE and tokenizer on first use: in a worker thread
+        try:
+            lens = st.logit_lens(name, index, top_k)
+        except LogitLensUnavailable as e:  # a checkpoint the family's names do not fit: say what is missing
+            return error(str(e), None, HTTPStatus.UNPROCESSABLE_ENTITY)
         tok = st.tokenizer()
 
         def tokens(pairs):
             return [{"token_id": t, "token": tok.decode([t]), "logit": v} for t, v in pairs]
 
         out = {"sae": name, "index": index, "layer": st.facts.saes[name].layer,
-               "decoder_norm": float(lens.saes[name].W_dec[index].float().norm()),
-               "top_tokens": tokens(lens_tokens["top"]), "bottom_tokens": tokens(lens_tokens["bottom"]),
+               "decoder_norm": float(st.sae(name).W_dec[index].float().norm()),
+               "top_tokens": tokens(lens["top"]), "bottom_tokens": tokens(lens["bottom"]),
                "label": st.labels.get(name, {}).get(index)}
         records = st.feature_records(name)
         if records is not None:

@@ -1,9 +1,9 @@
 """SteeringState: what the routes share, built once per API server (facts of the served model and
-its SAEs, built vectors, the logit lens and tokenizer loaded on first use)."""
+its SAEs, built vectors, the logit lens, SAEs and tokenizer loaded on first use)."""
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
 import os
 import threading
@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from fastapi import Request
 
-from sae_steer.features import LogitLens, load_labels
+from sae_steer.features import load_labels
 from sae_steer.server.auth import admin_key
 from sae_steer.spec import Admitted, SteeringError, VectorIntervention, parse_steering
 from sae_steer.vllm_plugin import facts, observers
+from sae_steer.vllm_plugin.logit_bias import LogitHead, head_of_checkpoint
 
 logger = logging.getLogger("vllm.sae_steer")
 VECTOR_DIR_ENV = "SAE_STEER_VECTOR_DIR"
@@ -40,12 +41,15 @@ class SteeringState:
         self.runtime_dir = observers.check_runtime_dir()
         self.max_model_len = int(getattr(getattr(engine_client, "model_config", None), "max_model_len", 0) or 0)
         self.capture_slots = asyncio.Semaphore(CAPTURE_CONCURRENCY)
-        self._load_lock = threading.Lock()  # the logit lens and tokenizer load once, in a worker thread
+        self._load_lock = threading.Lock()  # the logit lens, SAEs and tokenizer load once, in a worker thread
         # Vectors built over HTTP are written here; with `roots` set, it must lie under one of them.
         self.vector_dir = self.settings.check_path(os.environ.get(VECTOR_DIR_ENV) or "steering-vectors",
                                                    "vector dir (--steering-vector-dir)")
         self.built: dict[str, dict[int, torch.Tensor]] = {}  # vectors built over HTTP: name -> layer -> v
-        self._lens, self._tokenizer = None, None
+        self._head: LogitHead | str | None = None  # a string: why the model has none
+        self._tokenizer = None
+        self._saes: dict[str, object] = {}  # SAE name -> SparseAutoencoder, loaded on first use
+        self.logit_lens = functools.lru_cache(maxsize=4096)(self._logit_lens)
         self._records: dict[str, object] = {}  # SAE name -> FeatureRecords or None
         self.labels = {name: load_labels(path, self.facts.saes[name].d_sae) for name, path in self.settings.labels.items()}
         for path in sorted(self.vector_dir.glob("*.safetensors")) if self.vector_dir.is_dir() else ():
@@ -105,31 +109,40 @@ class SteeringState:
                 self._records[name] = FeatureRecords.load(path) if path.is_file() else None
             return self._records[name]
 
-    def logit_lens(self) -> LogitLens:
-        """The served model's final norm and unembedding, read from its safetensors on first use."""
+    def sae(self, name: str):
+        """A registered SAE (its decoder: the feature route), loaded on first use."""
         with self._load_lock:
-            return self._load_logit_lens()
+            if name not in self._saes:
+                from sae_steer.formats import load_sae
+                self._saes[name] = load_sae(self.settings.saes[name], self.settings.layer_of.get(name))
+            return self._saes[name]
 
-    def _load_logit_lens(self) -> LogitLens:
-        if self._lens is None:
-            from safetensors import safe_open
-            from sae_steer.formats import load_sae
-            config = json.loads((self.model_path / "config.json").read_text())
-            found = {}
-            for file in sorted(self.model_path.glob("*.safetensors")):
-                with safe_open(str(file), framework="pt") as f:
-                    for key in set(f.keys()) & {"model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"}:
-                        found[key] = f.get_tensor(key).float()
-            unembed = found.get("lm_head.weight", found.get("model.embed_tokens.weight"))
-            if unembed is None or "model.norm.weight" not in found:
-                raise RuntimeError(f"cannot find the final norm / unembedding in {self.model_path}")
-            norm = found["model.norm.weight"]
-            if config.get("model_type", "").startswith("gemma"):
-                norm = 1.0 + norm  # Gemma's RMSNorm scales by (1 + w)
-            saes = {name: load_sae(path, self.settings.layer_of.get(name))
-                    for name, path in self.settings.saes.items()}
-            self._lens = LogitLens(saes, norm, float(config.get("rms_norm_eps", 1e-6)), unembed)
-        return self._lens
+    def logit_head(self) -> LogitHead:
+        """The served model's final-norm gain and unembedding, read from its safetensors by its family's names
+        on first use; LogitLensUnavailable, saying what is missing, where they cannot be read."""
+        with self._load_lock:
+            if self._head is None:
+                try:
+                    self._head = head_of_checkpoint(self.model_path)
+                except (OSError, ValueError, RuntimeError) as e:  # kept: the files will not change
+                    self._head = f"the logit lens of {self.model_path} is unavailable: {e}"
+            if isinstance(self._head, str):
+                raise LogitLensUnavailable(self._head)
+            return self._head
+
+    def _logit_lens(self, name: str, index: int, k: int) -> dict[str, list[tuple[int, float]]]:
+        """Feature `index` of SAE `name`: its logit lens l = W_U (g * W_dec[index]) (LogitHead.logit_lens, the
+        direction logit steering normalizes), {"top": [(token_id, l[token_id])] * k, "bottom": the k lowest}.
+        Cached per (name, index, k) as self.logit_lens."""
+        lens = self.logit_head().logit_lens(self.sae(name).W_dec[index][None])[0]
+        k = min(k, lens.shape[0])
+        top, bottom = lens.topk(k), lens.topk(k, largest=False)
+        return {"top": list(zip(top.indices.tolist(), top.values.tolist())),
+                "bottom": list(zip(bottom.indices.tolist(), bottom.values.tolist()))}
+
+
+class LogitLensUnavailable(Exception):
+    """The served model's final norm or unembedding cannot be read (the feature route answers why)."""
 
 
 def state(request: Request) -> SteeringState:

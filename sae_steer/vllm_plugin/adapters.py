@@ -21,7 +21,8 @@ class (a subclass that overrides `forward` is wrapped as it is), then the opaque
 `torch.ops.sae_steer.steer_residual` on the output. The startup check (`steering_op.verify`)
 then proves that the op ran at every steerable layer.
 
-Adding a family: one `Family` row here, one case in tests/engine/test_families.py.
+Adding a family: one `Family` row here, one case in tests/engine/test_families.py, its checkpoint names in
+tests/unit/test_feature_lens.py.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class Head:
     hf_final_norm: str = "model.norm"  # the same norm in the Hugging Face model
     norm: str = "rms"  # rms: gain w; rms1p: gain 1 + w (Gemma); layer: LayerNorm (centers; gain w)
     unembed: str = "lm_head"  # vLLM module whose `weight` is the unembedding [vocab (padded), d_model]
+    hf_unembed: str = "lm_head"  # the unembedding in the Hugging Face model (and its checkpoint)
+    hf_embed: str = "model.embed_tokens"  # the input embedding there: the unembedding of tied checkpoints
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,11 @@ FAMILIES: tuple[Family, ...] = (
            "community SAEs on Phi-3-mini"),
     Family("GPT2", ("GPT2LMHeadModel",), "transformer.h", "full", "transformer.h",
            "SAELens gpt2-small-res-jb (resid_pre: layers 0-11 -> our -1..10), OpenAI gpt2-small SAEs, tokenized SAEs",
-           Head("transformer.ln_f", "transformer.ln_f", "layer")),
+           Head("transformer.ln_f", "transformer.ln_f", "layer", hf_embed="transformer.wte")),
     Family("GPTNeoX", ("GPTNeoXForCausalLM",), "model.layers", "full", "gpt_neox.layers",
            "EleutherAI sparsify and dictionary_learning dictionaries on Pythia",
-           Head("model.final_layer_norm", "gpt_neox.final_layer_norm", "layer")),
+           Head("model.final_layer_norm", "gpt_neox.final_layer_norm", "layer", hf_unembed="embed_out",
+                hf_embed="gpt_neox.embed_in")),
 )
 
 _BY_ARCHITECTURE = {a: f for f in FAMILIES for a in f.architectures}

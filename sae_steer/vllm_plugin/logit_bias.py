@@ -21,7 +21,8 @@ l_i at every token, only its size varies with the token, through 1/sigma(x). A l
 sees logits, not x, so the size is fixed by the normalization instead; exactly, the bias is what
 adding (strength / max|l_i|) * u to the normalized stream x/sigma(x), before the gain, does.
 The result does not depend on |W_dec[i]| or the SAE's scale, so strengths compare across
-features and models, and the ranking of tokens is the logit lens of `sae_steer.features`.
+features and models, and the ranking of tokens is the feature's logit lens l_i (what the feature route
+serves, through `head_of_checkpoint`).
 "Direct" means the path straight from the stream to the unembedding: what the feature would do
 through later layers is residual steering's business. Models whose logits are soft-capped
 (Gemma 2) get the bias after the cap, on the logits the sampler sees. vLLM runs this before
@@ -38,13 +39,15 @@ This module has no vLLM import: the logits processor translates vLLM's BatchUpda
 """
 from __future__ import annotations
 
+import json
 import operator
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from sae_steer.vllm_plugin.adapters import Family
+from sae_steer.vllm_plugin.adapters import Family, family_of
 
 # Rows of W_U converted to float32 at a time: bounded memory for large vocabularies.
 _VOCAB_CHUNK = 8192
@@ -87,8 +90,7 @@ def _module(root: torch.nn.Module, path: str, what: str) -> torch.nn.Module:
                            f"cannot find it (a vLLM change?)") from None
 
 
-def _gain(norm: torch.nn.Module, family: Family) -> torch.Tensor:
-    weight = getattr(norm, "weight", None)
+def _gain(weight: torch.Tensor | None, family: Family) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
         raise RuntimeError(f"sae-steer: the final norm of this {family.name} model has no weight tensor")
     return 1.0 + weight.float() if family.head.norm == "rms1p" else weight
@@ -107,14 +109,56 @@ def head_of_vllm(model: torch.nn.Module, family: Family, vocab: int) -> LogitHea
     """The LogitHead of a model vLLM has loaded (tensor parallel size 1: the head is not sharded)."""
     unembed = _module(model, family.head.unembed, "the unembedding")
     norm = _module(model, family.head.final_norm, "the final norm")
-    return _head(getattr(unembed, "weight", torch.empty(0)), _gain(norm, family), vocab, family)
+    return _head(getattr(unembed, "weight", torch.empty(0)), _gain(getattr(norm, "weight", None), family), vocab,
+                 family)
 
 
 def head_of_hf(model: torch.nn.Module, family: Family) -> LogitHead:
     """The LogitHead of a Hugging Face transformers causal LM (offline: feature records, references)."""
     norm = _module(model, family.head.hf_final_norm, "the final norm")
     unembed = model.get_output_embeddings().weight
-    return _head(unembed, _gain(norm, family), unembed.shape[0], family)
+    return _head(unembed, _gain(getattr(norm, "weight", None), family), unembed.shape[0], family)
+
+
+def head_of_checkpoint(model_dir: str | Path) -> LogitHead:
+    """The LogitHead of a Hugging Face model folder, read from its safetensors by the family's own names
+    (the API server, which has no model object: the feature route's logit lens). The tensors keep their
+    dtype (LogitHead converts W_U in chunks). A ValueError names what it cannot find."""
+    from safetensors import safe_open
+    model_dir = Path(model_dir)
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the model's config.json in {model_dir} ({e})") from None
+    family = family_of(config.get("architectures"))
+    # Tied checkpoints (GPT-2, Gemma, small Qwen) store no unembedding: the input embedding is it. A config
+    # without the key has transformers' default, tied.
+    tied = config.get("tie_word_embeddings", True)
+    file_of = {}  # tensor name -> the safetensors file holding it (headers only: nothing is loaded yet)
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            file_of.update(dict.fromkeys(f.keys(), file))
+
+    def name_of(path: str) -> str | None:
+        # A checkpoint of the base model alone names it without the prefix (GPT-2's own: ln_f, wte).
+        return next((k for k in (f"{path}.weight", f"{path.partition('.')[2]}.weight") if k in file_of), None)
+
+    def load(name: str) -> torch.Tensor:
+        with safe_open(str(file_of[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    head = family.head
+    norm = name_of(head.hf_final_norm)
+    unembed = name_of(head.hf_unembed) or (name_of(head.hf_embed) if tied else None)
+    missing = [] if norm else [f"`{head.hf_final_norm}.weight` (the final norm)"]
+    if not unembed:
+        missing.append(f"`{head.hf_unembed}.weight`" + (f" or `{head.hf_embed}.weight`" if tied else "")
+                       + " (the unembedding)")
+    if missing:
+        raise ValueError(f"the safetensors in {model_dir} have no {' and no '.join(missing)}, where a "
+                         f"{family.name} checkpoint keeps them")
+    W_U = load(unembed)
+    return _head(W_U, _gain(load(norm), family), W_U.shape[0], family)
 
 
 class LogitBias:

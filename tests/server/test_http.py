@@ -344,8 +344,10 @@ def test_feature_route_and_sae_listing(server, artifacts):
     from sae_steer.formats import load_sae
     w = load_file(str(artifacts.model / "model.safetensors"))
     d = load_sae(artifacts.saes["relu-l1"]).W_dec[3]
-    logits = w["lm_head.weight"] @ (w["model.norm.weight"] * d * torch.rsqrt(d.pow(2).mean() + 1e-5))
+    logits = w["lm_head.weight"] @ (w["model.norm.weight"] * d)  # the logit lens: W_U (g * W_dec[3])
     assert [t["token_id"] for t in r["top_tokens"]] == logits.topk(5).indices.tolist()
+    assert [t["logit"] for t in r["top_tokens"]] == pytest.approx(logits.topk(5).values.tolist(), rel=1e-4, abs=1e-5)
+    assert [t["token_id"] for t in r["bottom_tokens"]] == logits.topk(5, largest=False).indices.tolist()
     assert abs(r["decoder_norm"] - float(d.norm())) < 1e-5
     assert r["label"] == "the third feature"
     assert requests.get(server.url + "/v1/steering/saes/relu-l1/features/4", timeout=30).json()["label"] is None

@@ -187,15 +187,3 @@ def topk_segment(hidden, residual, enc, gate_bias, threshold, mag_scale, mag_bia
         indices.append(top.indices + (a - lo))
         values.append(top.values)
     return lo, hi, torch.cat(indices, 1), torch.cat(values, 1)
-
-
-def full_steer(hidden, residual, token_slot, edit_feature, edit_mul, edit_add, gate_feature, gate_above, vector,
-               enc, dec, gate_bias, threshold, mag_scale, mag_bias, *, lo: int, hi: int, k: int | None = None,
-               top_k: int = 0):
-    """Full-width encode of the SAE at packed features [lo, hi), then steering; Triton on CUDA, torch otherwise.
-
-    -> (hidden' [T, d], telemetry indices [T, top_k] local to the SAE, values [T, top_k] fp32).
-    """
-    fn = full_steer_triton if HAS_TRITON and hidden.is_cuda else full_steer_reference
-    return fn(hidden, residual, token_slot, edit_feature, edit_mul, edit_add, gate_feature, gate_above, vector,
-              enc, dec, gate_bias, threshold, mag_scale, mag_bias, lo=lo, hi=hi, k=k, top_k=top_k)

@@ -36,8 +36,10 @@ logger = logging.getLogger("vllm.sae_steer")
 # The worker's table and model runner (one steering engine per worker process at a time).
 _table = None
 _runner = None
-# Calls of the op's body per layer since the model was loaded: the startup check reads them.
+# Calls of the op's body per layer between the model's load and the startup check, which reads them
+# (counted only then: the check is their only reader).
 calls: collections.Counter = collections.Counter()
+_counting = False
 # Run with the loaded model (before warm-up): the logits processor reads the unembedding for logit steering.
 on_model_loaded = None
 
@@ -53,11 +55,11 @@ def steer_residual(hidden: torch.Tensor, residual: torch.Tensor | None, layer: i
 
     The residual stream is hidden + residual (blocks that defer the residual add), or hidden alone
     (residual None: blocks that return the whole stream). residual is read only."""
-    calls[layer] += 1
+    if _counting:
+        calls[layer] += 1
     if _table is None or _runner is None:
         return hidden.clone()
-    positions = _runner.positions[: hidden.shape[0]]
-    return _table.apply(layer, hidden, torch.zeros_like(hidden) if residual is None else residual, positions)
+    return _table.apply(layer, hidden, residual, _runner.positions[: hidden.shape[0]])
 
 
 @steer_residual.register_fake
@@ -74,7 +76,7 @@ def _steering_facts(vllm_config):
 
 def attach_to_model(runner) -> None:
     """After load: attach the op to every steerable block of the runner's model."""
-    global _runner
+    global _runner, _counting
     facts = _steering_facts(runner.vllm_config)
     if facts is None:
         return
@@ -88,6 +90,7 @@ def attach_to_model(runner) -> None:
     if on_model_loaded is not None:
         on_model_loaded(runner.get_model())
     calls.clear()
+    _counting = True
     logger.info("sae-steer: %s family, steering op attached after decoder blocks %s (%s)", family.name,
                 runner.sae_steer_steerable, type(blocks[0]).__name__)
 
@@ -98,6 +101,7 @@ def verify(runner) -> None:
 
     Catches a block class whose forward does not reach the op, a model that does not call its blocks
     as the family table says, a vLLM refactor, and a compile or graph mode that drops the op."""
+    global _counting
     layers = getattr(runner, "sae_steer_steerable", None)
     if layers is None:
         return
@@ -105,6 +109,7 @@ def verify(runner) -> None:
         # Eager engines run no forward at startup: run a canary step (no requests, so no steering).
         runner._dummy_run(min(8, runner.scheduler_config.max_num_batched_tokens))
     missing = [L for L in layers if calls[L] == 0]
+    _counting = False
     if missing:
         blocks = adapters.blocks_of(runner.get_model(), adapters.family_of(runner.vllm_config.model_config.architectures),
                                     runner.vllm_config.model_config.get_total_num_hidden_layers())

@@ -35,8 +35,7 @@ the Triton kernel on CUDA, torch elsewhere. Two ways to run it:
                       nothing was steered, would otherwise drop later steering silently.
 
 Telemetry and capture (observers.py) read results on the host: they run only where apply()'s Python
-body runs (eager, or the op as a graph split point), never inside a graph being captured;
-`observing` tells the caller that a step needs them.
+body runs (eager, or the op as a graph split point), never inside a graph being captured.
 """
 from __future__ import annotations
 
@@ -128,6 +127,9 @@ class SteeringTable:
         self.gate_feature = torch.zeros(n_layers, n_slots, max_edits, **i64)
         self.gate_above = torch.full((n_layers, n_slots, max_edits), float("-inf"), **f32)
         self.vector = torch.zeros(n_layers, n_slots, d_model, **f32)
+        # The residual of blocks that return the whole stream (residual None): a zero row, broadcast, so no
+        # [T, d] zeros are allocated per call.
+        self.zero_residual = torch.zeros(1, d_model, **f32)
         for li, dictionary in enumerate(self.dictionaries):
             self.edit_feature[li].fill_(dictionary.null)
             self.gate_feature[li].fill_(dictionary.null)
@@ -143,6 +145,9 @@ class SteeringTable:
         self.edits_in_use = [0] * n_layers  # per layer: the widest slot's edit count (E of this step)
         self.layer_live = [False] * n_layers  # per layer: does any live slot touch it
         self.topk_live: list[set[str]] = [set() for _ in self.layers]
+        # (lo, hi, k) of the TopK SAEs a step encodes, per layer: all of them, or those a live slot edits
+        self._topk_all = [[(lo, hi, k) for _, lo, hi, k in d.topk] for d in self.dictionaries]
+        self._topk_edited = [[] for _ in self.layers]
         # The same on the device, per layer: the graph-safe path's TopK encode skips its work when 0 (a
         # replayed graph cannot branch on the host's sets, but the kernel can read this).
         self.topk_live_flag = torch.zeros(n_layers, dtype=torch.int32, device=device)
@@ -253,6 +258,7 @@ class SteeringTable:
             self.layer_live[li] = bool(live)
             self.edits_in_use[li] = max((s.edits.get(li, 0) for s in live), default=0)
             self.topk_live[li] = {name for name, *_ in dictionary.topk if any(name in s.saes for s in live)}
+            self._topk_edited[li] = [(lo, hi, k) for name, lo, hi, k in dictionary.topk if name in self.topk_live[li]]
         self.topk_live_flag.copy_(torch.tensor([int(bool(names)) for names in self.topk_live], dtype=torch.int32),
                                   non_blocking=True)
         self.observed_layers = set()
@@ -264,27 +270,32 @@ class SteeringTable:
     def prepare_step(self, query_start_loc: torch.Tensor) -> None:
         """query_start_loc: CPU ints [n_rows + 1], row i's tokens are [qsl[i], qsl[i+1]). Called on the host
         before every forward, outside any captured graph: rewrites token_row in place (same address), so
-        a replayed graph reads this step's map. Tokens past qsl[-1] (padding) map to the pad row."""
+        a replayed graph reads this step's map. Tokens past qsl[-1] (padding) map to the pad row.
+        Eager, a step that steers nothing never reads the map: it is not written then (update() runs
+        before this, so a request added in this step is already live)."""
         bounds = query_start_loc.tolist()
         if bounds[-1] > self.token_row.shape[0]:
             raise ValueError(f"{bounds[-1]} tokens in a step, but the table was sized for "
                              f"max_tokens={self.token_row.shape[0]}")
+        self._bounds = bounds
+        if not (self.graph_safe or any(self.layer_live)):
+            return
         counts = torch.tensor(bounds).diff()
         token_row = torch.full((self.token_row.shape[0],), self.pad_row, dtype=torch.int64)
         token_row[:bounds[-1]] = torch.repeat_interleave(torch.arange(len(counts)), counts)
         self.token_row.copy_(token_row, non_blocking=True)  # from pageable memory: reusable on return
-        self._bounds = bounds
-
-    @property
-    def observing(self) -> bool:
-        """Does any row ask for telemetry or capture? Those run on the host, only where apply()'s body runs."""
-        return bool(self.observed_layers)
 
     # ---- the hot path: one call per steerable layer per forward step ----
 
-    def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """hidden, residual [T, d] (the residual stream is their sum) -> hidden with every row's steering added.
-        T may include padding past the step's tokens (prepare_step maps it to no steering)."""
+    def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None,
+              positions: torch.Tensor) -> torch.Tensor:
+        """hidden, residual [T, d] (the residual stream is their sum; residual None: hidden is the whole stream)
+        -> hidden with every row's steering added. T may include padding past the step's tokens (prepare_step
+        maps it to no steering)."""
+        if residual is None:
+            if self.zero_residual.dtype != hidden.dtype:  # once, at the first (warm-up) step: a fixed address
+                self.zero_residual = self.zero_residual.to(hidden.dtype)
+            residual = self.zero_residual.expand_as(hidden)
         out = self.steer(layer, hidden, residual, positions)
         if layer in self.observed_layers and not (hidden.is_cuda and torch.cuda.is_current_stream_capturing()):
             self._observe(layer, hidden, residual, out, positions)
@@ -296,15 +307,15 @@ class SteeringTable:
         li = self.layer_index[layer]
         dic = self.dictionaries[li]
         if self.graph_safe or self.worst_case:
-            E, topk = self.max_edits, dic.topk
+            E, topk = self.max_edits, self._topk_all[li]
         elif not self.layer_live[li]:
             return hidden.clone()
         else:
-            E, topk = self.edits_in_use[li], [t for t in dic.topk if t[0] in self.topk_live[li]]
+            E, topk = self.edits_in_use[li], self._topk_edited[li]
         segment = None
         if topk:  # TopK membership needs every pre-activation of those SAEs
-            segment = topk_segment(hidden, residual, dic.enc, *dic.params, [(lo, hi, k) for _, lo, hi, k in topk],
-                                   dic.topk_lo, dic.null, live=self.topk_live_flag[li] if self.graph_safe else None)
+            segment = topk_segment(hidden, residual, dic.enc, *dic.params, topk, dic.topk_lo, dic.null,
+                                   live=self.topk_live_flag[li] if self.graph_safe else None)
         args = (hidden, residual, self._token_slot(hidden.shape[0], positions),
                 self.edit_feature[li, :, :E], self.edit_mul[li, :, :E], self.edit_add[li, :, :E],
                 self.gate_feature[li, :, :E], self.gate_above[li, :, :E], self.vector[li], dic.enc, dic.dec, *dic.params)

@@ -160,7 +160,7 @@ def test_table_bookkeeping_follows_a_model_of_the_batch(data, steps):
     model = [None] * ROWS
     check(table, model)
     assert not table._slots and not table._slot_of and len(table._free) == ROWS
-    assert not any(table.layer_live) and not table.observing
+    assert not any(table.layer_live) and not table.observed_layers
     assert table.row_slot.abs().sum() == 0
 
 

@@ -89,8 +89,9 @@ def random_chunks(rng: random.Random, n_live: int) -> tuple[torch.Tensor, torch.
     return qsl, positions
 
 
-@pytest.mark.parametrize("graph_safe", [False, True])
-def test_table_matches_reference_over_a_random_batch_history(graph_safe):
+@pytest.mark.parametrize("graph_safe,full_stream", [(False, False), (True, False), (False, True), (True, True)])
+def test_table_matches_reference_over_a_random_batch_history(graph_safe, full_stream):
+    """full_stream: blocks that return the whole stream (GPT-2, GPT-NeoX) pass residual None."""
     rng, reg = random.Random(0), registry()
     table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=8, d_model=D,
                           device=torch.device("cpu"), graph_safe=graph_safe)
@@ -102,10 +103,11 @@ def test_table_matches_reference_over_a_random_batch_history(graph_safe):
         T = int(qsl[-1])
         pad = rng.randint(0, 3)  # padded tokens past the last row (as with CUDA-graph padding)
         positions = torch.cat([positions, torch.zeros(pad, dtype=torch.long)])
-        hidden, residual = torch.randn(T + pad, D), torch.randn(T + pad, D)
+        hidden = torch.randn(T + pad, D)
+        residual = torch.zeros(T + pad, D) if full_stream else torch.randn(T + pad, D)
         table.prepare_step(qsl)
         for layer in LAYERS:
-            out = table.apply(layer, hidden, residual, positions)
+            out = table.apply(layer, hidden, None if full_stream else residual, positions)
             for i in range(n_live):
                 steering, prompt_len = rows[i]
                 seg = slice(int(qsl[i]), int(qsl[i + 1]))
@@ -163,3 +165,26 @@ def test_the_profiling_run_takes_the_widest_path(monkeypatch):
     table.worst_case = True
     assert torch.equal(table.apply(2, hidden, residual, positions), hidden)
     assert encoded == [hidden.shape], "the TopK SAEs of layer 2 were encoded over every token"
+
+
+def test_steps_that_steer_nothing_leave_the_token_map_and_the_next_steered_step_is_exact():
+    """Eager, a step with no live steering does not write the token -> row map; the first steered step after
+    such steps (other rows, other chunk sizes) writes it again before it is read."""
+    reg = registry()
+    table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=8, d_model=D,
+                          device=torch.device("cpu"))
+    steering = Steering.model_validate({"interventions": [{"type": "vector", "vector": "v", "coef": 2.0}]})
+    table.update([(0, steering, 3), (1, None, 5)], [], [])
+    table.prepare_step(torch.tensor([0, 3, 8]))
+    written = table.token_row.clone()
+    table.update([], [0], [(1, 0, False)])  # the steered request leaves; the other moves to row 0
+    table.prepare_step(torch.tensor([0, 1]))
+    assert not any(table.layer_live) and torch.equal(table.token_row, written), "nothing steered: map not written"
+    hidden = torch.randn(1, D)
+    assert torch.equal(table.apply(0, hidden, torch.zeros(1, D), torch.tensor([5])), hidden)
+    table.update([(1, steering, 2)], [], [])  # row 0 unsteered (1 decode token), row 1 steered (prefill of 2)
+    table.prepare_step(torch.tensor([0, 1, 3]))
+    hidden, residual = torch.randn(3, D), torch.randn(3, D)
+    out = table.apply(0, hidden, residual, torch.tensor([6, 0, 1]))
+    assert torch.equal(out[0], hidden[0])
+    torch.testing.assert_close(out[1:], hidden[1:] + 2.0 * reg.vectors["v"][0], atol=ATOL, rtol=1e-5)

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from sae_steer.vllm_plugin import observers
+
 SHARD_TOKENS = 2 ** 16
 
 
@@ -36,17 +38,21 @@ def _say(msg: str) -> None:
 
 
 class ShardWriter:
-    """Buffers rows (per-layer streams + token ids + doc/pos) and writes fixed-size shards."""
+    """Buffers rows (per-layer streams + token ids + doc/pos) and writes fixed-size shards into `out_dir`
+    (made if missing; its old manifest.json removed at once: a folder being written has none)."""
 
     def __init__(self, out_dir: Path, layers: list[int], shard_tokens: int, dtype: torch.dtype):
         self.out_dir, self.layers, self.shard_tokens, self.dtype = out_dir, layers, shard_tokens, dtype
         self.buffers: dict[str, list[torch.Tensor]] = {k: [] for k in [f"L{L}" for L in layers] + ["tokens", "doc", "pos"]}
-        self.buffered, self.shards, self.n_tokens = 0, [], 0
+        self.buffered, self.shards, self.n_tokens, self.d_model = 0, [], 0, None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "manifest.json").unlink(missing_ok=True)
 
     def add(self, acts: dict[int, torch.Tensor], tokens: list[int], doc: int) -> None:
         n = len(tokens)
         for L in self.layers:
             self.buffers[f"L{L}"].append(acts[L].to(self.dtype))
+        self.d_model = acts[self.layers[0]].shape[-1]
         self.buffers["tokens"].append(torch.tensor(tokens, dtype=torch.int32))
         self.buffers["doc"].append(torch.full((n,), doc, dtype=torch.int32))
         self.buffers["pos"].append(torch.arange(n, dtype=torch.int32))
@@ -54,9 +60,15 @@ class ShardWriter:
         while self.buffered >= self.shard_tokens:
             self._write(self.shard_tokens)
 
-    def close(self) -> None:
+    def close(self, n_texts: int, max_tokens_per_text: int, model: str, seconds: float) -> dict:
+        """Write the last shard, then manifest.json, last: a folder with one is a complete capture. -> the manifest."""
         if self.buffered:
             self._write(self.buffered)
+        manifest = {"layers": self.layers, "d_model": self.d_model, "dtype": str(self.dtype).removeprefix("torch."),
+                    "n_tokens": self.n_tokens, "n_texts": n_texts, "max_tokens_per_text": max_tokens_per_text,
+                    "shards": self.shards, "model": model, "seconds": round(seconds, 1)}
+        (self.out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        return manifest
 
     def _write(self, n: int) -> None:
         whole = {k: torch.cat(v) for k, v in self.buffers.items()}
@@ -68,64 +80,73 @@ class ShardWriter:
         self.shards.append({"file": name, "tokens": n})
 
 
+# ---- one capture through the engine, shared with the HTTP route (server/captures.py) ----
+
+def tokenize_texts(tokenizer, texts: list[str], max_tokens_per_text: int,
+                   max_model_len: int) -> tuple[int, list[tuple[int, list[int]]]]:
+    """-> (limit, [(index in texts, token ids)]): each text tokenized with the model's tokenizer (its own special
+    tokens, e.g. BOS where the model adds one) and cut to limit = max_tokens_per_text, below the context
+    (max_model_len: 0 when unknown) to leave room for the one sampled token; texts of fewer than 2 tokens
+    are left out (nothing to learn from a lone position)."""
+    limit = min(max_tokens_per_text, max_model_len - 1) if max_model_len else max_tokens_per_text
+    docs = [(i, tokenizer(t)["input_ids"][:limit]) for i, t in enumerate(texts)]
+    return limit, [(i, ids) for i, ids in docs if len(ids) >= 2]
+
+
+def capture_request(token_ids: list[int], layers: list[int]):
+    """One engine request (max_tokens=1) whose worker records the stream at every prompt position of `layers`:
+    -> (capture id, prompt, SamplingParams). A fresh cache salt: every position is computed, none is read
+    from the prefix cache. The caller discards the worker's files, observers.discard(id), whatever happens."""
+    from vllm import SamplingParams
+    cid = f"cap{uuid.uuid4().hex}"
+    params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={
+        observers.CAPTURE_KEY: {"id": cid, "layers": layers, "positions": "all"}})
+    return cid, {"prompt_token_ids": token_ids, "cache_salt": cid}, params
+
+
+class CaptureMissing(RuntimeError):
+    """The engine recorded no activations for a text at some layers."""
+
+
+def read_capture(cid: str, layers: list[int], doc: int, n_tokens: int) -> dict[int, torch.Tensor]:
+    """What the worker recorded for text `doc` (n_tokens positions): layer -> [n_tokens, d_model];
+    CaptureMissing names the text and the layers that have nothing."""
+    acts = {L: observers.read_capture_positions(cid, L, n_tokens) for L in layers}
+    missing = [L for L, x in acts.items() if x is None]
+    if missing:
+        raise CaptureMissing(f"no activation captured for texts[{doc}] at layers {missing}; the layers must be "
+                             f"steerable (sae_steer.layers) and the engine's workers must share this process's "
+                             f"host and runtime directory")
+    return acts
+
+
 def capture_activations(llm, texts: list[str], layers: list[int], out_dir: str | Path, *,
                         max_tokens_per_text: int = 256, shard_tokens: int = SHARD_TOKENS,
                         dtype: torch.dtype = torch.float16, batch_texts: int = 32, progress: bool = True) -> dict:
-    from vllm import SamplingParams
-
-    from sae_steer.vllm_plugin import observers
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)  # a folder being written has no manifest
     layers = sorted(set(layers))
-    limit = min(max_tokens_per_text, llm.llm_engine.model_config.max_model_len - 1)
-    tokenizer = llm.get_tokenizer()
-    docs = [(i, tokenizer(t)["input_ids"][:limit]) for i, t in enumerate(texts)]
-    docs = [(i, ids) for i, ids in docs if len(ids) >= 2]
+    model_config = llm.llm_engine.model_config
+    limit, docs = tokenize_texts(llm.get_tokenizer(), texts, max_tokens_per_text, model_config.max_model_len)
     total = sum(len(ids) for _, ids in docs)
     if progress:
         _say(f"{len(docs)} texts, {total} tokens, layers {layers} -> {out_dir}")
-    writer = ShardWriter(out_dir, layers, shard_tokens, dtype)
-    d_model, start, done = None, time.monotonic(), 0
+    writer = ShardWriter(Path(out_dir), layers, shard_tokens, dtype)
+    start, done = time.monotonic(), 0
     for b in range(0, len(docs), batch_texts):
         batch = docs[b:b + batch_texts]
-        ids = [f"cap{uuid.uuid4().hex}" for _ in batch]
-        prompts = [{"prompt_token_ids": toks, "cache_salt": cid} for (_, toks), cid in zip(batch, ids)]
-        params = [SamplingParams(max_tokens=1, temperature=0.0, extra_args={
-            observers.CAPTURE_KEY: {"id": cid, "layers": layers, "positions": "all"}}) for cid in ids]
+        requests = [capture_request(toks, layers) for _, toks in batch]
         try:
-            llm.generate(prompts, params, use_tqdm=False)
-            for (doc, toks), cid in zip(batch, ids):
-                acts = {L: observers.read_capture_positions(cid, L, len(toks)) for L in layers}
-                missing = [L for L, a in acts.items() if a is None]
-                if missing:
-                    raise RuntimeError(f"the engine recorded no activations for text {doc} at layers {missing}: "
-                                       f"are they steerable (sae_steer.layers) and is the engine's worker on "
-                                       f"this host?")
-                d_model = acts[layers[0]].shape[-1]
-                writer.add(acts, toks, doc)
+            llm.generate([prompt for _, prompt, _ in requests], [params for _, _, params in requests], use_tqdm=False)
+            for (doc, toks), (cid, _, _) in zip(batch, requests):
+                writer.add(read_capture(cid, layers, doc, len(toks)), toks, doc)
                 done += len(toks)
         finally:
-            for cid in ids:
+            for cid, _, _ in requests:
                 observers.discard(cid)
         if progress:
             rate = done / max(time.monotonic() - start, 1e-9)
             _say(f"{done}/{total} tokens ({100 * done / max(total, 1):.0f}%), {rate:.0f} tok/s, "
                  f"{len(writer.shards)} shards written")
-    writer.close()
-    return write_manifest(out_dir, writer, layers, d_model, dtype, len(docs), limit, llm.llm_engine.model_config.model,
-                          time.monotonic() - start)
-
-
-def write_manifest(out_dir: Path, writer: ShardWriter, layers: list[int], d_model: int, dtype: torch.dtype,
-                   n_texts: int, max_tokens_per_text: int, model: str, seconds: float) -> dict:
-    """manifest.json, written last: a folder with one is a complete capture (also the HTTP route's)."""
-    manifest = {"layers": layers, "d_model": d_model, "dtype": str(dtype).removeprefix("torch."),
-                "n_tokens": writer.n_tokens, "n_texts": n_texts, "max_tokens_per_text": max_tokens_per_text,
-                "shards": writer.shards, "model": model, "seconds": round(seconds, 1)}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    return writer.close(len(docs), limit, model_config.model, time.monotonic() - start)
 
 
 def load_field(out_dir: str | Path, name: str) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """POST /v1/steering/captures (admin key): residual-stream activations of the served model over a corpus,
 at every prompt position of chosen layers, recorded by the engine's own steering op and streamed to
-safetensors shards on the server's disk: the same layout as the offline `sae_steer.capture`, so
-`sae-steer fit-sae --capture DIR` and the feature-records builder read either.
+safetensors shards on the server's disk by the offline `sae_steer.capture`'s own pieces (tokenizing, capture
+requests, reads, shard writer), so `sae-steer fit-sae --capture DIR` and the feature-records builder read
+either.
 
 Bounded like CAA builds: at most MAX_TEXTS texts of at most MAX_TEXT_CHARS characters, each cut to
 `max_tokens_per_text` tokens (below the model's context), at most CAPTURE_CONCURRENCY engine requests in
@@ -12,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from http import HTTPStatus
 
 import torch
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from sae_steer.capture import SHARD_TOKENS, ShardWriter, write_manifest
+from sae_steer.capture import SHARD_TOKENS, CaptureMissing, ShardWriter, capture_request, read_capture, tokenize_texts
 from sae_steer.server.auth import require_admin
 from sae_steer.server.errors import error
 from sae_steer.server.state import state
@@ -53,48 +53,34 @@ async def capture(body: CaptureRequest, raw_request: Request):
     out_dir = st.vector_dir / "captures" / body.name
     if (out_dir / "manifest.json").exists() and not body.overwrite:
         return error(f"capture {body.name!r} exists; pass overwrite=true to replace it", "name", HTTPStatus.CONFLICT)
-    limit = min(body.max_tokens_per_text, (st.max_model_len or body.max_tokens_per_text + 1) - 1)
     tok = await asyncio.to_thread(st.tokenizer)
-    docs = await asyncio.to_thread(lambda: [tok(t)["input_ids"][:limit] for t in body.texts])
-    docs = [(i, ids) for i, ids in enumerate(docs) if len(ids) >= 2]
+    limit, docs = await asyncio.to_thread(tokenize_texts, tok, body.texts, body.max_tokens_per_text, st.max_model_len)
     if not docs:
         return error("every text is shorter than 2 tokens", "texts")
     logger.info("sae-steer: capture %r: %d texts, %d tokens, layers %s", body.name, len(docs),
                 sum(len(ids) for _, ids in docs), layers)
     start = time.monotonic()
 
-    async def one(ids: list[int]) -> dict[int, torch.Tensor | None]:
-        from vllm import SamplingParams
-        cid = uuid.uuid4().hex
-        params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={
-            observers.CAPTURE_KEY: {"id": cid, "layers": layers, "positions": "all"}})
+    async def one(doc: int, ids: list[int]) -> dict[int, torch.Tensor]:
+        cid, prompt, params = capture_request(ids, layers)
         async with st.capture_slots:
-            try:  # a fresh cache salt: every position is computed, none is read from the prefix cache
-                async for _ in st.engine_client.generate({"prompt_token_ids": ids, "cache_salt": cid}, params,
-                                                         f"sae-steer-capture-{cid}"):
+            try:
+                async for _ in st.engine_client.generate(prompt, params, f"sae-steer-capture-{cid}"):
                     pass
-                return await asyncio.to_thread(
-                    lambda: {L: observers.read_capture_positions(cid, L, len(ids)) for L in layers})
+                return await asyncio.to_thread(read_capture, cid, layers, doc, len(ids))
             finally:
                 await asyncio.to_thread(observers.discard, cid)
 
-    writer = ShardWriter(out_dir, layers, SHARD_TOKENS, torch.float16)
-    await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
-    await asyncio.to_thread((out_dir / "manifest.json").unlink, missing_ok=True)
+    writer = await asyncio.to_thread(ShardWriter, out_dir, layers, SHARD_TOKENS, torch.float16)
     batch = 64  # texts in flight at once (the capture slots bound the engine requests); shards in text order
-    d_model = None
     for b in range(0, len(docs), batch):
         chunk = docs[b:b + batch]
-        acts = await asyncio.gather(*(one(ids) for _, ids in chunk))
+        try:
+            acts = await asyncio.gather(*(one(doc, ids) for doc, ids in chunk))
+        except CaptureMissing as e:
+            return error(str(e), status=HTTPStatus.SERVICE_UNAVAILABLE)
         for (doc, ids), got in zip(chunk, acts):
-            missing = [L for L, x in got.items() if x is None]
-            if missing:
-                return error(f"no activation captured for texts[{doc}] at layers {missing}; the engine's workers must "
-                             "share this server's host and runtime directory", status=HTTPStatus.SERVICE_UNAVAILABLE)
-            d_model = got[layers[0]].shape[-1]
             await asyncio.to_thread(writer.add, got, ids, doc)
         logger.info("sae-steer: capture %r: %d/%d texts", body.name, min(b + batch, len(docs)), len(docs))
-    await asyncio.to_thread(writer.close)
-    manifest = await asyncio.to_thread(write_manifest, out_dir, writer, layers, d_model, torch.float16, len(docs),
-                                       limit, str(st.model_path), time.monotonic() - start)
+    manifest = await asyncio.to_thread(writer.close, len(docs), limit, str(st.model_path), time.monotonic() - start)
     return {"name": body.name, "path": str(out_dir), **manifest}

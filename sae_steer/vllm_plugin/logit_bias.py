@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from sae_steer.vllm_plugin.adapters import Family, family_of
+from sae_steer.vllm_plugin.row_slots import RowSlots
 
 # Rows of W_U converted to float32 at a time: bounded memory for large vocabularies.
 _VOCAB_CHUNK = 8192
@@ -164,73 +165,32 @@ def head_of_checkpoint(model_dir: str | Path) -> LogitHead:
 class LogitBias:
     """Per-request logit biases for the rows of vLLM's persistent batch.
 
-    Keys are hashable descriptions of a request's logit steering (equal keys share one bias row);
-    `bias_of(key)` computes that row [vocab] the first time a key is seen among live requests."""
+    Keys are hashable descriptions of a request's logit steering (equal keys share one bias row:
+    row_slots.RowSlots); `bias_of(key)` computes that row [vocab] the first time a key is seen among live
+    requests."""
 
     def __init__(self, max_rows: int, vocab: int, device: torch.device | str):
         self.table = torch.zeros(max_rows, vocab, dtype=torch.float32, device=device)
-        self._row_slot = [-1] * max_rows  # persistent-batch row -> table row (-1: no logit steering)
-        self._slot_of: dict[Hashable, int] = {}
-        self._key_of: dict[int, Hashable] = {}
-        self._refs = [0] * max_rows
-        self._free = list(range(max_rows - 1, -1, -1))
+        self.rows = RowSlots(max_rows, range(max_rows), none=-1)  # row -> table row (-1: no logit steering)
         # The steered rows and their table rows, on the device: rebuilt when the batch changes.
-        self._rows = torch.zeros(0, dtype=torch.long, device=device)
-        self._slots = torch.zeros(0, dtype=torch.long, device=device)
+        self._steered_rows = torch.zeros(0, dtype=torch.long, device=device)
+        self._steered_slots = torch.zeros(0, dtype=torch.long, device=device)
 
     def update(self, added: list[tuple[int, Hashable | None]], removed: list[int],
                moved: list[tuple[int, int, bool]], bias_of: Callable[[Hashable], torch.Tensor]) -> None:
         """added: (row, key or None); moved: (a, b, swap). vLLM's order: removed, added, moved; an added
         or moved-to row replaces whatever the row held."""
-        before = list(self._row_slot)
-        for row in removed:
-            self._release(row)
-        for row, key in added:
-            self._release(row)
-            if key is not None:
-                self._row_slot[row] = self._acquire(key, bias_of)
-        for a, b, swap in moved:
-            if swap:
-                self._row_slot[a], self._row_slot[b] = self._row_slot[b], self._row_slot[a]
-            else:
-                self._release(b)
-                self._row_slot[b], self._row_slot[a] = self._row_slot[a], -1
-        if self._row_slot != before:
-            steered = [(r, s) for r, s in enumerate(self._row_slot) if s >= 0]
+        def write(slot: int, key: Hashable) -> None:
+            self.table[slot] = bias_of(key)
+
+        if self.rows.update([(row, key, None) for row, key in added], removed, moved, write):
+            steered = [(r, s) for r, s in enumerate(self.rows.row_slot) if s >= 0]
             device = self.table.device
-            self._rows = torch.tensor([r for r, _ in steered], dtype=torch.long).to(device, non_blocking=True)
-            self._slots = torch.tensor([s for _, s in steered], dtype=torch.long).to(device, non_blocking=True)
+            self._steered_rows = torch.tensor([r for r, _ in steered], dtype=torch.long).to(device, non_blocking=True)
+            self._steered_slots = torch.tensor([s for _, s in steered], dtype=torch.long).to(device, non_blocking=True)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [num_rows, vocab] float32, in place: steered rows += their bias; others untouched."""
-        if self._rows.numel() == 0:
+        if self._steered_rows.numel() == 0:
             return logits
-        return logits.index_add_(0, self._rows, self.table[self._slots])
-
-    @property
-    def num_steered(self) -> int:
-        """Rows of the batch with logit steering."""
-        return self._rows.numel()
-
-    @property
-    def num_biases(self) -> int:
-        """Distinct bias rows held (one per distinct key among live requests)."""
-        return len(self._slot_of)
-
-    def _acquire(self, key: Hashable, bias_of: Callable[[Hashable], torch.Tensor]) -> int:
-        slot = self._slot_of.get(key)
-        if slot is None:
-            slot = self._free.pop()
-            self.table[slot] = bias_of(key)
-            self._slot_of[key], self._key_of[slot] = slot, key
-        self._refs[slot] += 1
-        return slot
-
-    def _release(self, row: int) -> None:
-        slot, self._row_slot[row] = self._row_slot[row], -1
-        if slot < 0:
-            return
-        self._refs[slot] -= 1
-        if self._refs[slot] == 0:
-            del self._slot_of[self._key_of.pop(slot)]
-            self._free.append(slot)
+        return logits.index_add_(0, self._steered_rows, self.table[self._steered_slots])

@@ -14,8 +14,8 @@ Layout (the style of vLLM's builtin logits processors: fixed tensors, updated fr
       gate_above    [L, n_slots, E] `when` threshold (-inf when there is no `when`)
       vector        [L, n_slots, d] sum of coef * v of the slot's vectors at this layer
 
-Requests with identical steering share a slot (refcounted by fingerprint), so 256 requests
-with one config cost one slot. All SAEs at a layer are packed into one feature space with
+Requests with identical steering share a slot (refcounted by fingerprint: row_slots.RowSlots), so
+256 requests with one config cost one slot. All SAEs at a layer are packed into one feature space with
 b_dec folded into per-feature biases (SparseAutoencoder.packed), so one gather serves every
 SAE and architecture; TopK SAEs are packed last, side by side, and their members come from a
 full encode (sae_steer.kernels.full_steer.topk_segment).
@@ -49,6 +49,7 @@ from sae_steer.registry import Registry
 from sae_steer.sae import SparseAutoencoder
 from sae_steer.spec import SaeIntervention, Steering
 from sae_steer.vllm_plugin import observers
+from sae_steer.vllm_plugin.row_slots import RowSlots
 
 POSITION_MODES = {"all": 0, "prompt": 1, "generated": 2}
 
@@ -94,8 +95,6 @@ class LayerDictionary:
 
 @dataclass
 class _SlotInfo:
-    fingerprint: str
-    refs: int
     edits: dict[int, int]  # layer index -> number of edits there
     touched: set[int]  # layer indices with any edit or vector
     saes: set[str]
@@ -133,15 +132,12 @@ class SteeringTable:
         for li, dictionary in enumerate(self.dictionaries):
             self.edit_feature[li].fill_(dictionary.null)
             self.gate_feature[li].fill_(dictionary.null)
-        # Host-side mirrors: the bookkeeping is Python (once per batch change), the hot path is not.
-        self._row_slot = [0] * (max_rows + 1)
-        self._row_prompt_len = [0] * (max_rows + 1)
+        # Host-side bookkeeping (Python, once per batch change; the hot path is not): row -> slot (0: none),
+        # each row's data (prompt_len, telemetry / capture request: observers.py), and each slot's summary.
+        self.rows = RowSlots(max_rows + 1, range(1, n_slots), none=0, key=Steering.fingerprint)
+        self._info: dict[int, _SlotInfo] = {}  # slot -> what its steering touches (live slots: rows.live)
         self._bounds: list[int] = [0]  # this step's query_start_loc, for telemetry / capture
-        self._row_observe: list[dict | None] = [None] * max_rows  # telemetry / capture (see observers.py)
         self.observed_layers: set[int] = set()
-        self._slots: dict[int, _SlotInfo] = {}
-        self._slot_of: dict[str, int] = {}
-        self._free = list(range(n_slots - 1, 0, -1))
         self.edits_in_use = [0] * n_layers  # per layer: the widest slot's edit count (E of this step)
         self.layer_live = [False] * n_layers  # per layer: does any live slot touch it
         self.topk_live: list[set[str]] = [set() for _ in self.layers]
@@ -173,50 +169,15 @@ class SteeringTable:
     def update(self, added: list[tuple], removed: list[int], moved: list[tuple[int, int, bool]]) -> None:
         """added: (row, steering, prompt_len[, observe]); moved: (a, b, swap).
         vLLM's order: removed, added, moved."""
-        for row in removed:
-            self._release(row)
-        for row, steering, prompt_len, *observe in added:
-            self._release(row)
-            self._row_slot[row] = 0 if steering is None else self._acquire(steering)
-            self._row_prompt_len[row] = prompt_len
-            self._row_observe[row] = observe[0] if observe else None
-        per_row = (self._row_slot, self._row_prompt_len, self._row_observe)
-        for a, b, swap in moved:
-            if swap:
-                for values in per_row:
-                    values[a], values[b] = values[b], values[a]
-            else:
-                self._release(b)
-                for values in per_row:
-                    values[b] = values[a]
-                self._row_slot[a], self._row_observe[a] = 0, None
-        self.row_slot.copy_(torch.tensor(self._row_slot), non_blocking=True)
-        self.row_prompt_len.copy_(torch.tensor(self._row_prompt_len), non_blocking=True)
+        added = [(row, steering, (prompt_len, observe[0] if observe else None))
+                 for row, steering, prompt_len, *observe in added]
+        self.rows.update(added, removed, moved, self._write_slot)
+        self.row_slot.copy_(torch.tensor(self.rows.row_slot), non_blocking=True)
+        self.row_prompt_len.copy_(torch.tensor([data[0] if data else 0 for data in self.rows.row_data]),
+                                  non_blocking=True)
         self._refresh_layer_flags()
 
-    def _release(self, row: int) -> None:
-        slot = self._row_slot[row]
-        self._row_slot[row], self._row_observe[row] = 0, None
-        if slot == 0:
-            return
-        info = self._slots[slot]
-        info.refs -= 1
-        if info.refs == 0:
-            del self._slots[slot], self._slot_of[info.fingerprint]
-            self._free.append(slot)
-
-    def _acquire(self, steering: Steering) -> int:
-        fp = steering.fingerprint()
-        slot = self._slot_of.get(fp)
-        if slot is not None:
-            self._slots[slot].refs += 1
-            return slot
-        slot = self._free.pop()
-        self._slot_of[fp] = slot
-        self._slots[slot] = self._write_slot(slot, steering, fp)
-        return slot
-
-    def _write_slot(self, slot: int, steering: Steering, fp: str) -> _SlotInfo:
+    def _write_slot(self, slot: int, steering: Steering) -> None:
         self.slot_positions[slot] = POSITION_MODES[steering.positions]
         self.vector[:, slot].zero_()
         self.gate_above[:, slot].fill_(float("-inf"))
@@ -225,7 +186,7 @@ class SteeringTable:
             self.gate_feature[li, slot].fill_(dictionary.null)
         self.edit_mul[:, slot].zero_()
         self.edit_add[:, slot].zero_()
-        info = _SlotInfo(fp, 1, {}, set(), set())
+        info = self._info[slot] = _SlotInfo({}, set(), set())
         for iv in steering.interventions:
             if isinstance(iv, SaeIntervention):
                 li = self.layer_index[self.registry.saes[iv.sae].layer]
@@ -250,11 +211,11 @@ class SteeringTable:
                         li = self.layer_index[layer]
                         self.vector[li, slot] += iv.coef * v
                         info.touched.add(li)
-        return info
 
     def _refresh_layer_flags(self) -> None:
+        infos = [self._info[slot] for slot in self.rows.live]
         for li, dictionary in enumerate(self.dictionaries):
-            live = [s for s in self._slots.values() if li in s.touched]
+            live = [s for s in infos if li in s.touched]
             self.layer_live[li] = bool(live)
             self.edits_in_use[li] = max((s.edits.get(li, 0) for s in live), default=0)
             self.topk_live[li] = {name for name, *_ in dictionary.topk if any(name in s.saes for s in live)}
@@ -262,7 +223,7 @@ class SteeringTable:
         self.topk_live_flag.copy_(torch.tensor([int(bool(names)) for names in self.topk_live], dtype=torch.int32),
                                   non_blocking=True)
         self.observed_layers = set()
-        for observe in filter(None, self._row_observe):
+        for observe in filter(None, (data[1] for data in self.rows.row_data if data)):
             if "telemetry" in observe:
                 self.observed_layers.add(self.registry.saes[observe["telemetry"]["sae"]].layer)
             self.observed_layers.update(observe.get("capture", {}).get("layers", ()))
@@ -339,10 +300,10 @@ class SteeringTable:
         """Telemetry and capture for the rows that asked (a Python loop over those rows only)."""
         bounds = self._bounds
         for row in range(len(bounds) - 1):
-            observe = self._row_observe[row]
-            if not observe:
+            data = self.rows.row_data[row]
+            if not (data and data[1]):
                 continue
-            seg, plen = slice(bounds[row], bounds[row + 1]), self._row_prompt_len[row]
+            (plen, observe), seg = data, slice(bounds[row], bounds[row + 1])
             pos = positions[seg]
             telemetry = observe.get("telemetry")
             if telemetry and self.registry.saes[telemetry["sae"]].layer == layer:

@@ -99,4 +99,4 @@ def test_identical_steering_shares_one_slot_and_still_isolates(llm):
         assert list(run(llm, [p], [s])[0].token_ids) == list(out.token_ids)
     # Finished requests leave the persistent batch at the next step's update: run one more step.
     run(llm, [prompt(300, 4)], [None], max_tokens=2)
-    assert not steering_op._table._slots, "every slot is released once its requests finish"
+    assert not steering_op._table.rows.live, "every slot is released once its requests finish"

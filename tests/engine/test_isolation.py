@@ -88,4 +88,4 @@ def test_abort_releases_the_slot_and_spares_the_others(llm, artifacts):
         assert done[rid] == hf_greedy(artifacts, prompts[rid], steerings[rid], 16)[0], rid
     assert len(done.get("r1", [])) < 16 and len(done.get("r3", [])) < 16
     run(llm, [prompt(601, 4)], [None], max_tokens=2)
-    assert not steering_op._table._slots, "aborted and finished requests release their slots"
+    assert not steering_op._table.rows.live, "aborted and finished requests release their slots"

@@ -53,9 +53,10 @@ def _fresh_slots() -> dict[str, tuple]:
     out = {}
     for s in POOL:
         t = new_table()
-        slot = t._acquire(s)
+        t.update([(0, s, 1)], [], [])
+        slot = t.rows.row_slot[0]
         out[s.fingerprint()] = (t.slot_positions[slot].clone(),
-                                *(getattr(t, name)[:, slot].clone() for name in SLOT_TENSORS)), t._slots[slot]
+                                *(getattr(t, name)[:, slot].clone() for name in SLOT_TENSORS)), t._info[slot]
     return out
 
 
@@ -96,38 +97,37 @@ def to_update(removed, added, moved):
 
 def check(table: SteeringTable, model: list) -> None:
     # device tensors == host mirrors
-    assert table.row_slot.tolist() == table._row_slot
-    assert table.row_prompt_len.tolist() == table._row_prompt_len
-    assert table._row_slot[table.pad_row] == 0, "the pad row is never steered"
+    rows = table.rows
+    assert table.row_slot.tolist() == rows.row_slot
+    assert table.row_prompt_len.tolist() == [data[0] if data else 0 for data in rows.row_data]
+    assert rows.row_slot[table.pad_row] == 0, "the pad row is never steered"
     # host mirrors == the model
     by_fp: dict[str, set[int]] = {}
     for row, value in enumerate(model):
         steering_idx = None if value is None else value[0]
-        slot = table._row_slot[row]
+        slot = rows.row_slot[row]
         if steering_idx is None:
             assert slot == 0, f"row {row} has no steering but slot {slot}"
         else:
             assert slot != 0, f"row {row} is steered but has no slot"
             by_fp.setdefault(POOL[steering_idx].fingerprint(), set()).add(row)
-        if value is not None:
-            assert table._row_prompt_len[row] == value[1]
-        assert table._row_observe[row] == (None if value is None else OBSERVE[value[2]])
+        assert rows.row_data[row] == (None if value is None else (value[1], OBSERVE[value[2]]))
     # slots: one per distinct fingerprint, refcount = rows, contents = a fresh write
-    assert set(table._slot_of) == set(by_fp)
-    for fp, rows in by_fp.items():
-        slot = table._slot_of[fp]
-        assert {table._row_slot[r] for r in rows} == {slot}
-        info = table._slots[slot]
-        assert info.fingerprint == fp and info.refs == len(rows)
+    assert set(rows._slot_of) == set(by_fp)
+    for fp, steered in by_fp.items():
+        slot = rows._slot_of[fp]
+        assert {rows.row_slot[r] for r in steered} == {slot}
+        info = table._info[slot]
+        assert rows.live[slot].fingerprint() == fp and rows._refs[slot] == len(steered)
         fresh, fresh_info = FRESH[fp]
         assert int(table.slot_positions[slot]) == int(fresh[0])
         for name, want in zip(SLOT_TENSORS, fresh[1:]):
             assert torch.equal(getattr(table, name)[:, slot], want), f"slot {slot}: stale {name}"
         assert (info.edits, info.touched, info.saes) == (fresh_info.edits, fresh_info.touched, fresh_info.saes)
-    used = sorted(table._slot_of.values())
-    assert sorted(table._slots) == used and len(set(used)) == len(used)
-    assert len(table._free) == len(set(table._free)), "a slot is free twice"
-    assert sorted(used + table._free) == list(range(1, ROWS + 1)), "slots leaked or invented"
+    used = sorted(rows._slot_of.values())
+    assert sorted(rows.live) == used and len(set(used)) == len(used)
+    assert len(rows._free) == len(set(rows._free)), "a slot is free twice"
+    assert sorted(used + rows._free) == list(range(1, ROWS + 1)), "slots leaked or invented"
     # per-layer flags follow the live steerings
     live = [POOL[v[0]] for v in model if v is not None and v[0] is not None]
     for li, layer in enumerate(LAYERS):
@@ -159,7 +159,7 @@ def test_table_bookkeeping_follows_a_model_of_the_batch(data, steps):
     table.update([], [r for r in range(ROWS) if model[r] is not None], [])
     model = [None] * ROWS
     check(table, model)
-    assert not table._slots and not table._slot_of and len(table._free) == ROWS
+    assert not table.rows.live and not table.rows._slot_of and len(table.rows._free) == ROWS
     assert not any(table.layer_live) and not table.observed_layers
     assert table.row_slot.abs().sum() == 0
 
@@ -174,5 +174,5 @@ def test_slot_reuse_overwrites_every_field():
         table.update(*to_update(removed, added, moved))
         apply_to_model(model, removed, added, moved)
         check(table, model)
-    assert table._row_slot[0] == table._slot_of[narrow.fingerprint()]
-    assert POSITION_MODES[narrow.positions] == int(table.slot_positions[table._row_slot[0]])
+    assert table.rows.row_slot[0] == table.rows._slot_of[narrow.fingerprint()]
+    assert POSITION_MODES[narrow.positions] == int(table.slot_positions[table.rows.row_slot[0]])

@@ -97,8 +97,8 @@ def test_batched_apply_equals_a_per_row_reference_under_random_updates():
                 expected[r] = expected[r] + values[key]
         got = state.apply(logits.clone())
         assert torch.equal(got, expected), step
-        assert state.num_steered == sum(k is not None for k in live.values())
-        assert state.num_biases == len({k for k in live.values() if k is not None})  # freed when unused
+        assert sum(slot >= 0 for slot in state.rows.row_slot) == sum(k is not None for k in live.values())
+        assert len(state.rows.live) == len({k for k in live.values() if k is not None})  # freed when unused
     # one bias row per distinct key among live requests, computed only when a key first goes live
     assert len(computed) < 300
     assert set(computed) == {k for k in keys if k is not None}
@@ -114,7 +114,7 @@ def test_unsteered_batches_are_not_touched():
     state.apply(logits)
     assert logits[:2].eq(0).all() and logits[2].eq(1).all()
     state.update([], [2], [], None)
-    assert state.num_steered == 0
+    assert state.rows.row_slot == [-1] * 4 and not state.rows.live
 
 
 FACTS = ModelFacts(d_model=D, num_layers=4, steerable_layers=frozenset({1}),

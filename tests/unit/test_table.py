@@ -128,12 +128,13 @@ def test_slots_are_shared_by_fingerprint_and_released():
     s = Steering.model_validate({"interventions": [{"type": "vector", "vector": "v", "coef": 1.0}]})
     t = Steering.model_validate({"interventions": [{"type": "vector", "vector": "v", "coef": 2.0}]})
     table.update([(0, s, 3), (1, s, 4), (2, t, 5), (3, None, 2)], [], [])
-    assert table._row_slot[0] == table._row_slot[1] != table._row_slot[2] and table._row_slot[3] == 0
-    assert len(table._slots) == 2
+    row_slot = table.rows.row_slot
+    assert row_slot[0] == row_slot[1] != row_slot[2] and row_slot[3] == 0
+    assert len(table.rows.live) == 2
     table.update([], [0, 2], [(1, 0, False)])
-    assert table._row_slot[0] != 0 and table._row_slot[1] == 0 and len(table._slots) == 1
+    assert row_slot[0] != 0 and row_slot[1] == 0 and len(table.rows.live) == 1
     table.update([], [0], [])
-    assert not table._slots and not any(table.layer_live)
+    assert not table.rows.live and not any(table.layer_live)
 
 
 def test_the_table_holds_each_sae_once():

@@ -165,6 +165,6 @@ def resolve_auto(raw, calibrations: dict[str, dict]):
         elif AUTO in (iv.get("coef"), iv.get("strength")):
             field = "coef" if iv.get("coef") == AUTO else "strength"
             raise SteeringError(f"{where}.{field}", f'"auto" applies to `coef` of a vector and `strength` of an '
-                                                    f'SAE add or logit intervention')
+                                                    'SAE add or logit intervention')
         out.append(iv)
     return {**raw, "interventions": out}

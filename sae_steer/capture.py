@@ -80,7 +80,8 @@ class ShardWriter:
         self.shards.append({"file": name, "tokens": n})
 
 
-# ---- one capture through the engine, shared with the HTTP route (server/captures.py) ----
+# ---- one capture through the engine, shared with the HTTP routes (server/captures.py, server/vectors.py) and
+# sae-steer eval's CAA builds ----
 
 def tokenize_texts(tokenizer, texts: list[str], max_tokens_per_text: int,
                    max_model_len: int) -> tuple[int, list[tuple[int, list[int]]]]:
@@ -93,14 +94,15 @@ def tokenize_texts(tokenizer, texts: list[str], max_tokens_per_text: int,
     return limit, [(i, ids) for i, ids in docs if len(ids) >= 2]
 
 
-def capture_request(token_ids: list[int], layers: list[int]):
-    """One engine request (max_tokens=1) whose worker records the stream at every prompt position of `layers`:
-    -> (capture id, prompt, SamplingParams). A fresh cache salt: every position is computed, none is read
-    from the prefix cache. The caller discards the worker's files, observers.discard(id), whatever happens."""
+def capture_request(token_ids: list[int], layers: list[int], positions: str = "all"):
+    """One engine request (max_tokens=1) whose worker records the stream at every prompt position of `layers`
+    (positions "all") or at the last one ("last": a CAA build) -> (capture id, prompt, SamplingParams). A fresh
+    cache salt: every position is computed, none is read from the prefix cache. The caller discards the
+    worker's files, observers.discard(id), whatever happens."""
     from vllm import SamplingParams
     cid = f"cap{uuid.uuid4().hex}"
     params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={
-        observers.CAPTURE_KEY: {"id": cid, "layers": layers, "positions": "all"}})
+        observers.CAPTURE_KEY: {"id": cid, "layers": layers, "positions": positions}})
     return cid, {"prompt_token_ids": token_ids, "cache_salt": cid}, params
 
 
@@ -108,13 +110,17 @@ class CaptureMissing(RuntimeError):
     """The engine recorded no activations for a text at some layers."""
 
 
-def read_capture(cid: str, layers: list[int], doc: int, n_tokens: int) -> dict[int, torch.Tensor]:
-    """What the worker recorded for text `doc` (n_tokens positions): layer -> [n_tokens, d_model];
-    CaptureMissing names the text and the layers that have nothing."""
-    acts = {L: observers.read_capture_positions(cid, L, n_tokens) for L in layers}
+def read_capture(cid: str, layers: list[int], text: str, n_tokens: int, positions: str = "all") -> dict[int, torch.Tensor]:
+    """What the worker recorded for a text of n_tokens positions: layer -> [n_tokens, d_model] (positions
+    "all") or [d_model] ("last"); CaptureMissing names the text (its field, e.g. "texts[3]") and the layers
+    that have nothing."""
+    if positions == "last":
+        acts = {L: observers.read_capture(cid, L) for L in layers}
+    else:
+        acts = {L: observers.read_capture_positions(cid, L, n_tokens) for L in layers}
     missing = [L for L, x in acts.items() if x is None]
     if missing:
-        raise CaptureMissing(f"no activation captured for texts[{doc}] at layers {missing}; the layers must be "
+        raise CaptureMissing(f"no activation captured for {text} at layers {missing}; the layers must be "
                              f"steerable (sae_steer.layers) and the engine's workers must share this process's "
                              f"host and runtime directory")
     return acts
@@ -137,7 +143,7 @@ def capture_activations(llm, texts: list[str], layers: list[int], out_dir: str |
         try:
             llm.generate([prompt for _, prompt, _ in requests], [params for _, _, params in requests], use_tqdm=False)
             for (doc, toks), (cid, _, _) in zip(batch, requests):
-                writer.add(read_capture(cid, layers, doc, len(toks)), toks, doc)
+                writer.add(read_capture(cid, layers, f"texts[{doc}]", len(toks)), toks, doc)
                 done += len(toks)
         finally:
             for cid, _, _ in requests:

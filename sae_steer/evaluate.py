@@ -40,7 +40,6 @@ import re
 import statistics
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -182,35 +181,24 @@ def build_caa_vector(llm, pairs: list[tuple[str, str]], layers: list[int], posit
                           this carries the concept where "last" barely does (SmolLM2, cold/winter: see the README)
 
     The layers must be steerable on `llm`."""
-    from vllm import SamplingParams
-
+    from sae_steer.capture import capture_request, read_capture
     from sae_steer.vllm_plugin import observers
     if positions not in ("mean", "last"):
         raise ValueError(f"positions must be 'mean' or 'last', got {positions!r}")
     tok = llm.get_tokenizer()
     texts = [t for pair in pairs for t in pair]
-    ids = [f"caa{uuid.uuid4().hex}" for _ in texts]
     token_ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
-    capture = {"layers": sorted(layers)} if positions == "last" else {"layers": sorted(layers), "positions": "all"}
-    params = [SamplingParams(max_tokens=1, temperature=0.0, extra_args={observers.CAPTURE_KEY: {"id": cid, **capture}})
-              for cid in ids]
-    prompts = [{"prompt_token_ids": t, "cache_salt": cid} for t, cid in zip(token_ids, ids)]
+    captured = "last" if positions == "last" else "all"
+    requests = [capture_request(t, sorted(layers), captured) for t in token_ids]
     try:
-        llm.generate(prompts, params, use_tqdm=False)
-        if positions == "last":
-            acts = [{L: observers.read_capture(cid, L) for L in layers} for cid in ids]
-        else:
-            acts = []
-            for cid, t in zip(ids, token_ids):
-                per = {L: observers.read_capture_positions(cid, L, len(t)) for L in layers}
-                acts.append({L: None if x is None else x[1:].float().mean(0) if len(t) > 1 else x.float().mean(0)
-                             for L, x in per.items()})
+        llm.generate([prompt for _, prompt, _ in requests], [params for _, _, params in requests], use_tqdm=False)
+        acts = [read_capture(cid, layers, f"pairs[{i // 2}][{i % 2}]", len(t), captured)
+                for i, ((cid, _, _), t) in enumerate(zip(requests, token_ids))]
     finally:
-        for cid in ids:
+        for cid, _, _ in requests:
             observers.discard(cid)
-    missing = sorted({L for a in acts for L, x in a.items() if x is None})
-    if missing:
-        raise RuntimeError(f"no activation captured at layers {missing} (steerable on this engine?)")
+    if positions == "mean":
+        acts = [{L: x[1:].float().mean(0) if len(x) > 1 else x.float().mean(0) for L, x in a.items()} for a in acts]
     return {L: torch.stack([acts[2 * i][L].float() - acts[2 * i + 1][L].float() for i in range(len(pairs))]).mean(0)
             for L in layers}
 

@@ -67,7 +67,7 @@ async def capture(body: CaptureRequest, raw_request: Request):
             try:
                 async for _ in st.engine_client.generate(prompt, params, f"sae-steer-capture-{cid}"):
                     pass
-                return await asyncio.to_thread(read_capture, cid, layers, doc, len(ids))
+                return await asyncio.to_thread(read_capture, cid, layers, f"texts[{doc}]", len(ids))
             finally:
                 await asyncio.to_thread(observers.discard, cid)
 

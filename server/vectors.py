@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from http import HTTPStatus
 
 import torch
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
+from sae_steer.capture import CaptureMissing, capture_request, read_capture
 from sae_steer.server.auth import require_admin
 from sae_steer.server.errors import error
 from sae_steer.server.state import state
@@ -70,39 +70,27 @@ async def build_vector(body: BuildVectorRequest, raw_request: Request):
     logger.info("sae-steer: building vector %r from %d pairs at layers %s", body.name, len(body.pairs), layers)
     done = 0
 
-    def read(cid: str) -> dict[int, torch.Tensor | None]:
-        try:
-            return {L: observers.read_capture(cid, L) for L in layers}
-        finally:
-            observers.discard(cid)
-
-    async def capture(ids: list[int]) -> dict[int, torch.Tensor]:
+    async def capture(i: int, ids: list[int]) -> dict[int, torch.Tensor]:
         nonlocal done
-        from vllm import SamplingParams
-        cid = uuid.uuid4().hex
-        params = SamplingParams(max_tokens=1, temperature=0.0,
-                                extra_args={observers.CAPTURE_KEY: {"id": cid, "layers": layers}})
+        cid, prompt, params = capture_request(ids, layers, positions="last")
         async with st.capture_slots:  # at most CAPTURE_CONCURRENCY engine requests, all builds together
             try:
-                async for _ in st.engine_client.generate({"prompt_token_ids": ids}, params,
-                                                         f"sae-steer-capture-{cid}"):
+                async for _ in st.engine_client.generate(prompt, params, f"sae-steer-capture-{cid}"):
                     pass
+                got = await asyncio.to_thread(read_capture, cid, layers,
+                                              f"pairs[{i // 2}].{('positive', 'negative')[i % 2]}", len(ids), "last")
             finally:
-                got = await asyncio.to_thread(read, cid)
+                await asyncio.to_thread(observers.discard, cid)
         done += 1
         if done % max(1, len(texts) // 10) == 0 or done == len(texts):
             logger.info("sae-steer: vector %r: %d/%d texts", body.name, done, len(texts))
-        missing = [L for L, x in got.items() if x is None]
-        if missing:
-            raise RuntimeError(f"no activation captured at layers {missing}")
         return got
 
     try:
-        acts = await asyncio.gather(*(capture(ids) for ids in token_ids))
-    except RuntimeError as e:  # the workers' captures never arrived (another host? see the README)
+        acts = await asyncio.gather(*(capture(i, ids) for i, ids in enumerate(token_ids)))
+    except CaptureMissing as e:  # the workers' captures never arrived (another host? see the README)
         logger.error("sae-steer: vector %r not built: %s", body.name, e)
-        return error(f"cannot build the vector: {e}; the engine's workers must share this server's host and "
-                     "runtime directory", status=HTTPStatus.SERVICE_UNAVAILABLE)
+        return error(f"cannot build the vector: {e}", status=HTTPStatus.SERVICE_UNAVAILABLE)
     vector = {L: torch.stack([acts[2 * i][L] - acts[2 * i + 1][L] for i in range(len(body.pairs))]).mean(0)
               for L in layers}
     from sae_steer.formats import save_vector

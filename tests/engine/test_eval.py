@@ -77,7 +77,8 @@ def test_the_engine_core_receives_numbers(calibrated):
     engine = calibrated.llm_engine
     request = engine.input_processor.process_inputs("auto-check", {"prompt_token_ids": prompt(4, 8)}, params,
                                                     engine.get_supported_tasks())
-    assert request.sampling_params.extra_args["steering"] == {"interventions": [PAIRS[0][1], PAIRS[2][1]]}
+    assert request.sampling_params.extra_args["steering"] == {"interventions": [PAIRS[0][1], PAIRS[2][1]],
+                                                              "positions": "all"}  # Steering.wire(): plain data
     assert params.extra_args["steering"]["interventions"][0]["coef"] == "auto"
     # the cache salt is the explicit request's
     explicit = SamplingParams(max_tokens=2, extra_args={"steering": {"interventions": [PAIRS[0][1], PAIRS[2][1]]}})

@@ -33,12 +33,21 @@ def test_a_capture_is_read_from_its_chunks_and_missing_layers_are_named(tmp_path
     for layer in (1, 2):  # two prefill chunks per layer
         observers.record_capture_positions(cid, layer, torch.tensor([0, 1]), x[:2])
         observers.record_capture_positions(cid, layer, torch.tensor([2, 3]), x[2:])
-    got = read_capture(cid, [1, 2], 0, 4)
+    got = read_capture(cid, [1, 2], "texts[0]", 4)
     assert torch.equal(got[1], x) and torch.equal(got[2], x)
     with pytest.raises(CaptureMissing, match=r"texts\[3\] at layers \[0\]"):
-        read_capture(cid, [0, 1], 3, 4)  # layer 0 was not recorded
+        read_capture(cid, [0, 1], "texts[3]", 4)  # layer 0 was not recorded
     with pytest.raises(CaptureMissing, match=r"texts\[3\] at layers \[1, 2\]"):
-        read_capture(cid, [1, 2], 3, 5)  # position 4 never arrived
+        read_capture(cid, [1, 2], "texts[3]", 5)  # position 4 never arrived
+    observers.discard(cid)
+    assert not list((tmp_path / "run").iterdir())
+    # a CAA build's capture: the last prompt position only
+    cid, _, params = capture_request([5, 6, 7], [2], positions="last")
+    assert params.extra_args[observers.CAPTURE_KEY]["positions"] == "last"
+    observers.record_capture(cid, 2, x[3])
+    assert torch.equal(read_capture(cid, [2], "pairs[0].negative", 3, "last")[2], x[3])
+    with pytest.raises(CaptureMissing, match=r"pairs\[0\].negative at layers \[1\]"):
+        read_capture(cid, [1, 2], "pairs[0].negative", 3, "last")
     observers.discard(cid)
     assert not list((tmp_path / "run").iterdir())
 

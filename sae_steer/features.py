@@ -1,6 +1,6 @@
-"""Feature metadata for people choosing what to steer: decoder norms and labels.
+"""Feature labels for people choosing what to steer.
 
-Pure functions over tensors and files; the HTTP layer decides how to expose them. A feature's logit
+A pure function over files; the HTTP layer decides how to expose them. A feature's logit
 lens (its decoder direction through the final norm and unembedding) has one home, with logit
 steering: `vllm_plugin.logit_bias.LogitHead.logit_lens`.
 
@@ -12,15 +12,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
-
-from sae_steer.sae import SparseAutoencoder
-
-
-def decoder_norms(sae: SparseAutoencoder) -> torch.Tensor:
-    """[d_sae]: |W_dec[i]|, how far one unit of feature i moves the residual stream."""
-    return sae.W_dec.float().norm(dim=1)
 
 
 def load_labels(path: str | Path, d_sae: int | None = None) -> dict[int, str]:

@@ -1,23 +1,12 @@
-"""Feature metadata: decoder norms, label files (the logit lens: test_feature_lens.py, test_logit_bias.py)."""
+"""Feature label files (the logit lens: test_feature_lens.py, test_logit_bias.py; decoder norms: the feature
+route's tests)."""
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
-from sae_steer.features import decoder_norms, load_labels
-from sae_steer.tiny_model import random_sae
-
-D = 8
-
-
-def test_decoder_norms():
-    sae = random_sae(D, 12, 1, "relu")
-    sae.W_dec[3] *= 4
-    norms = decoder_norms(sae)
-    assert norms.shape == (12,)
-    torch.testing.assert_close(norms[3], torch.tensor(4.0))  # random_sae rows are unit norm
+from sae_steer.features import load_labels
 
 
 def test_labels_accept_neuronpedia_lists_and_plain_objects(tmp_path):

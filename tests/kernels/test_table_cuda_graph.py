@@ -3,7 +3,8 @@ model calls it, reading the runner's positions buffer and a SteeringTable with g
 slot map, TopK encodes, the fused kernel) captured in CUDA graphs, as vLLM captures its decode steps at a few batch sizes,
 then replayed across a batch history: requests added, removed, moved and swapped through update(), new
 prepare_step bounds and padding tokens. Every replay must equal an eager run of the same table on the
-same inputs, bit for bit, and the per-request reference `sae_steer.edits.steer_residual`."""
+same inputs, bit for bit, and the per-request reference `sae_steer.edits.steer_residual`. Both kinds of
+block: those that pass (hidden, residual), and those that return the whole stream (residual None)."""
 from __future__ import annotations
 
 import random
@@ -25,7 +26,8 @@ CAPTURED_SIZES = (16, MAX_TOKENS)  # a step of n tokens replays the smallest siz
 ATOL, RTOL = 1e-4, 1e-4  # fp32 on the GPU against the fp32 CPU reference, different summation orders
 
 
-def test_captured_steering_follows_table_updates():
+@pytest.mark.parametrize("full_stream", [False, True])
+def test_captured_steering_follows_table_updates(full_stream):
     cpu = registry()  # relu + gated at layer 1, jumprelu + two TopK SAEs at layer 2, vectors at 0 and 2
     reg = Registry(saes={n: s.to(device=DEVICE) for n, s in cpu.saes.items()},
                    vectors={n: {L: v.to(DEVICE) for L, v in per.items()} for n, per in cpu.vectors.items()})
@@ -41,7 +43,8 @@ def test_captured_steering_follows_table_updates():
     steering_op._runner = SimpleNamespace(positions=runner_positions)
 
     def run(T):
-        return [torch.ops.sae_steer.steer_residual(*inputs[T], layer) for layer in LAYERS]
+        hidden, residual = inputs[T]
+        return [torch.ops.sae_steer.steer_residual(hidden, None if full_stream else residual, layer) for layer in LAYERS]
 
     stream = torch.cuda.Stream()  # warm up (Triton compiles) outside the capture, as torch.cuda.graphs asks
     stream.wait_stream(torch.cuda.current_stream())
@@ -62,7 +65,7 @@ def test_captured_steering_follows_table_updates():
         qsl, positions = random_chunks(rng, n_live)
         n = int(qsl[-1])
         T = min(size for size in CAPTURED_SIZES if size >= n)
-        hidden, residual = torch.randn(T, D), torch.randn(T, D)
+        hidden, residual = torch.randn(T, D), torch.zeros(T, D) if full_stream else torch.randn(T, D)
         positions = torch.cat([positions, torch.full((T - n,), 3)])  # padding: stale positions, no row
         for buf, new in zip(inputs[T], (hidden, residual)):
             buf.copy_(new)

@@ -126,6 +126,21 @@ def read_capture(cid: str, layers: list[int], text: str, n_tokens: int, position
     return acts
 
 
+def capture_with_llm(llm, texts: list[tuple[str, list[int]]], layers: list[int],
+                     positions: str = "all") -> list[dict[int, torch.Tensor]]:
+    """Captures through an offline engine (`vllm.LLM`), one request per text, in one generate call:
+    texts are (the text's field, for errors; its token ids) -> per text, what read_capture returns. The
+    worker's files are discarded whatever happens."""
+    requests = [capture_request(ids, layers, positions) for _, ids in texts]
+    try:
+        llm.generate([prompt for _, prompt, _ in requests], [params for _, _, params in requests], use_tqdm=False)
+        return [read_capture(cid, layers, what, len(ids), positions)
+                for (what, ids), (cid, _, _) in zip(texts, requests)]
+    finally:
+        for cid, _, _ in requests:
+            observers.discard(cid)
+
+
 def capture_activations(llm, texts: list[str], layers: list[int], out_dir: str | Path, *,
                         max_tokens_per_text: int = 256, shard_tokens: int = SHARD_TOKENS,
                         dtype: torch.dtype = torch.float16, batch_texts: int = 32, progress: bool = True) -> dict:
@@ -139,15 +154,10 @@ def capture_activations(llm, texts: list[str], layers: list[int], out_dir: str |
     start, done = time.monotonic(), 0
     for b in range(0, len(docs), batch_texts):
         batch = docs[b:b + batch_texts]
-        requests = [capture_request(toks, layers) for _, toks in batch]
-        try:
-            llm.generate([prompt for _, prompt, _ in requests], [params for _, _, params in requests], use_tqdm=False)
-            for (doc, toks), (cid, _, _) in zip(batch, requests):
-                writer.add(read_capture(cid, layers, f"texts[{doc}]", len(toks)), toks, doc)
-                done += len(toks)
-        finally:
-            for cid, _, _ in requests:
-                observers.discard(cid)
+        acts = capture_with_llm(llm, [(f"texts[{doc}]", toks) for doc, toks in batch], layers)
+        for (doc, toks), got in zip(batch, acts):
+            writer.add(got, toks, doc)
+            done += len(toks)
         if progress:
             rate = done / max(time.monotonic() - start, 1e-9)
             _say(f"{done}/{total} tokens ({100 * done / max(total, 1):.0f}%), {rate:.0f} tok/s, "

@@ -181,22 +181,14 @@ def build_caa_vector(llm, pairs: list[tuple[str, str]], layers: list[int], posit
                           this carries the concept where "last" barely does (SmolLM2, cold/winter: see the README)
 
     The layers must be steerable on `llm`."""
-    from sae_steer.capture import capture_request, read_capture
-    from sae_steer.vllm_plugin import observers
+    from sae_steer.capture import capture_with_llm
     if positions not in ("mean", "last"):
         raise ValueError(f"positions must be 'mean' or 'last', got {positions!r}")
     tok = llm.get_tokenizer()
     texts = [t for pair in pairs for t in pair]
     token_ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
-    captured = "last" if positions == "last" else "all"
-    requests = [capture_request(t, sorted(layers), captured) for t in token_ids]
-    try:
-        llm.generate([prompt for _, prompt, _ in requests], [params for _, _, params in requests], use_tqdm=False)
-        acts = [read_capture(cid, layers, f"pairs[{i // 2}][{i % 2}]", len(t), captured)
-                for i, ((cid, _, _), t) in enumerate(zip(requests, token_ids))]
-    finally:
-        for cid, _, _ in requests:
-            observers.discard(cid)
+    acts = capture_with_llm(llm, [(f"pairs[{i // 2}][{i % 2}]", t) for i, t in enumerate(token_ids)], sorted(layers),
+                            "last" if positions == "last" else "all")
     if positions == "mean":
         acts = [{L: x[1:].float().mean(0) if len(x) > 1 else x.float().mean(0) for L, x in a.items()} for a in acts]
     return {L: torch.stack([acts[2 * i][L].float() - acts[2 * i + 1][L].float() for i in range(len(pairs))]).mean(0)

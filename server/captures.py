@@ -19,12 +19,11 @@ import torch
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from sae_steer.capture import SHARD_TOKENS, CaptureMissing, ShardWriter, capture_request, read_capture, tokenize_texts
+from sae_steer.capture import SHARD_TOKENS, CaptureMissing, ShardWriter, tokenize_texts
 from sae_steer.server.auth import require_admin
 from sae_steer.server.errors import error
 from sae_steer.server.state import state
 from sae_steer.spec import SteeringError, check_capture_layers
-from sae_steer.vllm_plugin import observers
 
 logger = logging.getLogger("vllm.sae_steer")
 router = APIRouter()
@@ -61,22 +60,12 @@ async def capture(body: CaptureRequest, raw_request: Request):
                 sum(len(ids) for _, ids in docs), layers)
     start = time.monotonic()
 
-    async def one(doc: int, ids: list[int]) -> dict[int, torch.Tensor]:
-        cid, prompt, params = capture_request(ids, layers)
-        async with st.capture_slots:
-            try:
-                async for _ in st.engine_client.generate(prompt, params, f"sae-steer-capture-{cid}"):
-                    pass
-                return await asyncio.to_thread(read_capture, cid, layers, f"texts[{doc}]", len(ids))
-            finally:
-                await asyncio.to_thread(observers.discard, cid)
-
     writer = await asyncio.to_thread(ShardWriter, out_dir, layers, SHARD_TOKENS, torch.float16)
     batch = 64  # texts in flight at once (the capture slots bound the engine requests); shards in text order
     for b in range(0, len(docs), batch):
         chunk = docs[b:b + batch]
         try:
-            acts = await asyncio.gather(*(one(doc, ids) for doc, ids in chunk))
+            acts = await asyncio.gather(*(st.capture(ids, layers, f"texts[{doc}]") for doc, ids in chunk))
         except CaptureMissing as e:
             return error(str(e), status=HTTPStatus.SERVICE_UNAVAILABLE)
         for (doc, ids), got in zip(chunk, acts):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from fastapi import Request
 
+from sae_steer.capture import capture_request, read_capture
 from sae_steer.features import load_labels
 from sae_steer.server.auth import admin_key
 from sae_steer.spec import Admitted, SteeringError, VectorIntervention, parse_steering
@@ -85,6 +86,21 @@ class SteeringState:
                                         f"values at layer {L} that are not finite or exceed {limit:g}")
                 interventions.append(VectorIntervention(type="vector", layer=L, values=v.tolist(), coef=iv.coef))
         return Admitted(steering.model_copy(update={"interventions": interventions}), self.facts)
+
+    # ---- captures through the engine (CAA builds, the capture route) ----
+
+    async def capture(self, token_ids: list[int], layers: list[int], text: str,
+                      positions: str = "all") -> dict[int, torch.Tensor]:
+        """One capture request (sae_steer.capture), at most CAPTURE_CONCURRENCY in flight across all builds;
+        its files are read and discarded off the event loop, whatever happens. CaptureMissing names `text`."""
+        cid, prompt, params = capture_request(token_ids, layers, positions)
+        async with self.capture_slots:
+            try:
+                async for _ in self.engine_client.generate(prompt, params, f"sae-steer-capture-{cid}"):
+                    pass
+                return await asyncio.to_thread(read_capture, cid, layers, text, len(token_ids), positions)
+            finally:
+                await asyncio.to_thread(observers.discard, cid)
 
     # ---- model pieces for the logit lens, loaded on first use in this process ----
 

@@ -10,12 +10,11 @@ import torch
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from sae_steer.capture import CaptureMissing, capture_request, read_capture
+from sae_steer.capture import CaptureMissing
 from sae_steer.server.auth import require_admin
 from sae_steer.server.errors import error
 from sae_steer.server.state import state
 from sae_steer.spec import SteeringError, check_capture_layers
-from sae_steer.vllm_plugin import observers
 
 logger = logging.getLogger("vllm.sae_steer")
 router = APIRouter()
@@ -72,15 +71,7 @@ async def build_vector(body: BuildVectorRequest, raw_request: Request):
 
     async def capture(i: int, ids: list[int]) -> dict[int, torch.Tensor]:
         nonlocal done
-        cid, prompt, params = capture_request(ids, layers, positions="last")
-        async with st.capture_slots:  # at most CAPTURE_CONCURRENCY engine requests, all builds together
-            try:
-                async for _ in st.engine_client.generate(prompt, params, f"sae-steer-capture-{cid}"):
-                    pass
-                got = await asyncio.to_thread(read_capture, cid, layers,
-                                              f"pairs[{i // 2}].{('positive', 'negative')[i % 2]}", len(ids), "last")
-            finally:
-                await asyncio.to_thread(observers.discard, cid)
+        got = await st.capture(ids, layers, f"pairs[{i // 2}].{('positive', 'negative')[i % 2]}", positions="last")
         done += 1
         if done % max(1, len(texts) // 10) == 0 or done == len(texts):
             logger.info("sae-steer: vector %r: %d/%d texts", body.name, done, len(texts))

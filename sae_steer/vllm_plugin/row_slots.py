@@ -2,8 +2,8 @@
 
 The bookkeeping behind both per-request tables (SteeringTable: the residual stream's edits and vectors;
 LogitBias: logit biases). Requests with equal keys share one slot, refcounted: a slot is written once,
-when its key first appears among live rows (`write(slot, value)`), and is free again when its last row
-leaves, so many requests with one config cost one slot. Each row also carries the caller's data (a
+when its key first appears among live rows (`write(slot, value)`, whose result `live` keeps for the slot),
+and is free again when its last row leaves, so many requests with one config cost one slot. Each row also carries the caller's data (a
 prompt length, an observer), which moves with its row.
 
 `update` takes a BatchUpdate's lists in vLLM's order: removed, added, moved; an added or moved-to row
@@ -22,14 +22,14 @@ class RowSlots:
         self.none, self._key = none, key
         self.row_slot = [none] * n_rows
         self.row_data: list = [None] * n_rows
-        self.live: dict[int, object] = {}  # slot -> the value it was written from, for live slots only
+        self.live: dict[int, object] = {}  # live slot -> what write() returned for it
         self._slot_of: dict[Hashable, int] = {}
         self._key_of: dict[int, Hashable] = {}
         self._refs: dict[int, int] = {}
         self._free = list(reversed(slots))
 
     def update(self, added: list[tuple[int, object, object]], removed: list[int], moved: list[tuple[int, int, bool]],
-               write: Callable[[int, object], None]) -> bool:
+               write: Callable[[int, object], object]) -> bool:
         """added: (row, value or None, data); moved: (a, b, swap). -> whether any row's slot changed."""
         before = list(self.row_slot)
         for row in removed:
@@ -48,13 +48,13 @@ class RowSlots:
                 self.row_slot[a], self.row_data[a] = self.none, None
         return self.row_slot != before
 
-    def _acquire(self, value, write: Callable[[int, object], None]) -> int:
+    def _acquire(self, value, write: Callable[[int, object], object]) -> int:
         key = self._key(value)
         slot = self._slot_of.get(key)
         if slot is None:
             slot = self._free.pop()  # never empty: there are as many slots as rows that can hold one
-            write(slot, value)
-            self._slot_of[key], self._key_of[slot], self._refs[slot], self.live[slot] = slot, key, 0, value
+            self.live[slot] = write(slot, value)
+            self._slot_of[key], self._key_of[slot], self._refs[slot] = slot, key, 0
         self._refs[slot] += 1
         return slot
 

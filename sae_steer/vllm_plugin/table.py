@@ -133,9 +133,9 @@ class SteeringTable:
             self.edit_feature[li].fill_(dictionary.null)
             self.gate_feature[li].fill_(dictionary.null)
         # Host-side bookkeeping (Python, once per batch change; the hot path is not): row -> slot (0: none),
-        # each row's data (prompt_len, telemetry / capture request: observers.py), and each slot's summary.
+        # each row's data (prompt_len, telemetry / capture request: observers.py), and each live slot's
+        # _SlotInfo (rows.live).
         self.rows = RowSlots(max_rows + 1, range(1, n_slots), none=0, key=Steering.fingerprint)
-        self._info: dict[int, _SlotInfo] = {}  # slot -> what its steering touches (live slots: rows.live)
         self._bounds: list[int] = [0]  # this step's query_start_loc, for telemetry / capture
         self.observed_layers: set[int] = set()
         self.edits_in_use = [0] * n_layers  # per layer: the widest slot's edit count (E of this step)
@@ -177,7 +177,7 @@ class SteeringTable:
                                   non_blocking=True)
         self._refresh_layer_flags()
 
-    def _write_slot(self, slot: int, steering: Steering) -> None:
+    def _write_slot(self, slot: int, steering: Steering) -> _SlotInfo:
         self.slot_positions[slot] = POSITION_MODES[steering.positions]
         self.vector[:, slot].zero_()
         self.gate_above[:, slot].fill_(float("-inf"))
@@ -186,7 +186,7 @@ class SteeringTable:
             self.gate_feature[li, slot].fill_(dictionary.null)
         self.edit_mul[:, slot].zero_()
         self.edit_add[:, slot].zero_()
-        info = self._info[slot] = _SlotInfo({}, set(), set())
+        info = _SlotInfo({}, set(), set())
         for iv in steering.interventions:
             if isinstance(iv, SaeIntervention):
                 li = self.layer_index[self.registry.saes[iv.sae].layer]
@@ -211,9 +211,10 @@ class SteeringTable:
                         li = self.layer_index[layer]
                         self.vector[li, slot] += iv.coef * v
                         info.touched.add(li)
+        return info
 
     def _refresh_layer_flags(self) -> None:
-        infos = [self._info[slot] for slot in self.rows.live]
+        infos = list(self.rows.live.values())
         for li, dictionary in enumerate(self.dictionaries):
             live = [s for s in infos if li in s.touched]
             self.layer_live[li] = bool(live)

@@ -56,7 +56,7 @@ def _fresh_slots() -> dict[str, tuple]:
         t.update([(0, s, 1)], [], [])
         slot = t.rows.row_slot[0]
         out[s.fingerprint()] = (t.slot_positions[slot].clone(),
-                                *(getattr(t, name)[:, slot].clone() for name in SLOT_TENSORS)), t._info[slot]
+                                *(getattr(t, name)[:, slot].clone() for name in SLOT_TENSORS)), t.rows.live[slot]
     return out
 
 
@@ -117,8 +117,8 @@ def check(table: SteeringTable, model: list) -> None:
     for fp, steered in by_fp.items():
         slot = rows._slot_of[fp]
         assert {rows.row_slot[r] for r in steered} == {slot}
-        info = table._info[slot]
-        assert rows.live[slot].fingerprint() == fp and rows._refs[slot] == len(steered)
+        info = rows.live[slot]
+        assert rows._key_of[slot] == fp and rows._refs[slot] == len(steered)
         fresh, fresh_info = FRESH[fp]
         assert int(table.slot_positions[slot]) == int(fresh[0])
         for name, want in zip(SLOT_TENSORS, fresh[1:]):

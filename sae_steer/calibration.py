@@ -164,7 +164,7 @@ def resolve_auto(raw, calibrations: dict[str, dict]):
             iv["strength"] = entry["strength"]
         elif AUTO in (iv.get("coef"), iv.get("strength")):
             field = "coef" if iv.get("coef") == AUTO else "strength"
-            raise SteeringError(f"{where}.{field}", f'"auto" applies to `coef` of a vector and `strength` of an '
+            raise SteeringError(f"{where}.{field}", '"auto" applies to `coef` of a vector and `strength` of an '
                                                     'SAE add or logit intervention')
         out.append(iv)
     return {**raw, "interventions": out}

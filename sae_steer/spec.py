@@ -144,13 +144,11 @@ class ModelFacts:
 @dataclass(frozen=True, eq=False)
 class Admitted:
     """A Steering parsed and checked against `facts` in this process (the HTTP server does so before it
-    hands a request to vLLM): parse_steering returns it as is for the same facts. Immutable, so copies
-    (vLLM deep-copies a request's params) are the object itself."""
+    hands a request to vLLM): parse_steering returns it as is for the same facts. Immutable, so a deep copy
+    (vLLM deep-copies a request's params) is the object itself, still tied to the very facts it was checked
+    against."""
     steering: Steering
     facts: ModelFacts
-
-    def __copy__(self):
-        return self
 
     def __deepcopy__(self, memo):
         return self

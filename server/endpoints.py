@@ -16,7 +16,7 @@ hand the request to vLLM's own serving handlers.
 
 Modules: completions.py (the completion routes, validation, compare), responses.py (bodies and SSE with
 telemetry), saes.py (SAE listing, feature route), vectors.py (CAA vectors), captures.py (activation capture), auth.py (admin key),
-state.py (SteeringState), errors.py (OpenAI's error shape), protocol.py (request models).
+state.py (SteeringState), store.py (the vector directory replicas share), errors.py (OpenAI's error shape), protocol.py (request models).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 
 from sae_steer.server import captures, completions, saes, vectors
 from sae_steer.server.errors import HTTPError
-from sae_steer.server.state import SteeringState
+from sae_steer.server.state import SteeringState, store_poll_seconds
 
 logger = logging.getLogger("vllm.sae_steer")
 
@@ -46,6 +46,7 @@ class SteeringEndpoints:
 
     async def init_state(self, engine_client, state, args) -> None:
         state.sae_steer = SteeringState(engine_client, args)
+        state.sae_steer.store.follow(store_poll_seconds())  # vectors built or deleted by replicas sharing the store
         logger.info("sae-steer: HTTP endpoints ready (steering field, /v1/steering/*); admin routes %s; "
                     "runtime directory %s", "enabled" if state.sae_steer.admin_key else
                     "disabled (no --steering-admin-key-file)", state.sae_steer.runtime_dir)

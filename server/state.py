@@ -16,12 +16,14 @@ from fastapi import Request
 from sae_steer.capture import capture_request, read_capture
 from sae_steer.features import load_labels
 from sae_steer.server.auth import admin_key
+from sae_steer.server.store import VectorStore
 from sae_steer.spec import Admitted, SteeringError, VectorIntervention, parse_steering
 from sae_steer.vllm_plugin import facts, observers
 from sae_steer.vllm_plugin.logit_bias import LogitHead, head_of_checkpoint
 
 logger = logging.getLogger("vllm.sae_steer")
 VECTOR_DIR_ENV = "SAE_STEER_VECTOR_DIR"
+STORE_POLL_ENV = "SAE_STEER_STORE_POLL"  # seconds between rescans of the vector directory (--steering-store-poll)
 CAPTURE_CONCURRENCY = 16  # engine requests in flight for CAA builds, all builds together
 
 
@@ -46,22 +48,30 @@ class SteeringState:
         # Vectors built over HTTP are written here; with `roots` set, it must lie under one of them.
         self.vector_dir = self.settings.check_path(os.environ.get(VECTOR_DIR_ENV) or "steering-vectors",
                                                    "vector dir (--steering-vector-dir)")
-        self.built: dict[str, dict[int, torch.Tensor]] = {}  # vectors built over HTTP: name -> layer -> v
+        # Vectors built over HTTP (here or on a replica sharing the directory) and their calibrations; the
+        # store keeps these maps current (store.py), endpoints.py starts its rescans.
+        self.store = VectorStore(self.vector_dir, self._unservable)
+        self.store.apply(self.store.scan())
+        self.built, self.built_calibrations = self.store.vectors, self.store.calibrations
         self._head: LogitHead | str | None = None  # a string: why the model has none
         self._tokenizer = None
         self._saes: dict[str, object] = {}  # SAE name -> SparseAutoencoder, loaded on first use
         self.logit_lens = functools.lru_cache(maxsize=4096)(self._logit_lens)
         self._records: dict[str, object] = {}  # SAE name -> FeatureRecords or None
         self.labels = {name: load_labels(path, self.facts.saes[name].d_sae) for name, path in self.settings.labels.items()}
-        for path in sorted(self.vector_dir.glob("*.safetensors")) if self.vector_dir.is_dir() else ():
-            self._adopt(path)
 
-    def _adopt(self, path: Path) -> None:
-        from sae_steer.formats import load_vector
-        layers = load_vector(path)
-        if layers and set(layers) <= self.facts.steerable_layers and path.stem not in self.facts.vectors \
-                and all(v.shape[0] == self.facts.d_model for v in layers.values()):
-            self.built[path.stem] = layers
+    def _unservable(self, name: str, layers: dict[int, torch.Tensor]) -> str | None:
+        """Why a stored vector cannot be served by this server, or None."""
+        if name in self.facts.vectors:
+            return f"{name!r} is a vector of the server's config"
+        if not layers:
+            return "it has no layers"
+        if not set(layers) <= self.facts.steerable_layers:
+            return (f"layers {sorted(set(layers) - self.facts.steerable_layers)} are not steerable on this server "
+                    f"(--steering-layers: {sorted(self.facts.steerable_layers)})")
+        if any(v.shape != (self.facts.d_model,) for v in layers.values()):
+            return f"its vectors are not of the served model's d_model ({self.facts.d_model})"
+        return None
 
     # ---- steering with built vectors: expanded to inline vectors, so workers need no new files ----
 
@@ -70,7 +80,8 @@ class SteeringState:
         each built vector becomes inline vectors, one per layer. The result is what vLLM's admission takes
         without parsing it again."""
         built = {name: frozenset(layers) for name, layers in self.built.items()}
-        steering = parse_steering(raw, replace(self.facts, vectors={**self.facts.vectors, **built}))
+        steering = parse_steering(raw, replace(self.facts, vectors={**self.facts.vectors, **built},
+                                               calibrations={**self.facts.calibrations, **self.built_calibrations}))
         if not any(getattr(iv, "vector", None) in self.built for iv in steering.interventions):
             return Admitted(steering, self.facts)
         interventions, limit = [], self.facts.max_abs_value
@@ -155,6 +166,18 @@ class SteeringState:
         top, bottom = lens.topk(k), lens.topk(k, largest=False)
         return {"top": list(zip(top.indices.tolist(), top.values.tolist())),
                 "bottom": list(zip(bottom.indices.tolist(), bottom.values.tolist()))}
+
+
+def store_poll_seconds() -> float:
+    """$SAE_STEER_STORE_POLL: seconds between rescans of the vector store (default 2; 0: at startup only)."""
+    text = os.environ.get(STORE_POLL_ENV) or "2"
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"--steering-store-poll ({STORE_POLL_ENV}): expected seconds >= 0, got {text!r}")
+    return seconds
 
 
 class LogitLensUnavailable(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from http import HTTPStatus
 
 import torch
@@ -20,13 +21,15 @@ logger = logging.getLogger("vllm.sae_steer")
 router = APIRouter()
 MAX_PAIRS = 1024  # a CAA build runs 2 * pairs engine requests
 MAX_TEXT_CHARS = 8192  # per contrast text (and at most the model's context in tokens)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 @router.get("/v1/steering/vectors")
 async def list_vectors(raw_request: Request):
     st = state(raw_request)
     data = [{"name": n, "layers": sorted(L), "source": "config"} for n, L in sorted(st.facts.vectors.items())]
-    data += [{"name": n, "layers": sorted(v), "source": "built", "path": str(st.vector_dir / f"{n}.safetensors")}
+    data += [{"name": n, "layers": sorted(v), "source": "built", "path": str(st.store.path(n)),
+              "calibration": {k: c[k] for k in ("layer", "coef")} if (c := st.built_calibrations.get(n)) else None}
              for n, v in sorted(st.built.items())]
     return {"object": "list", "data": data}
 
@@ -39,7 +42,7 @@ class ContrastPair(BaseModel):
 
 
 class BuildVectorRequest(BaseModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    name: str = Field(pattern=NAME_PATTERN)
     pairs: list[ContrastPair] = Field(min_length=1, max_length=MAX_PAIRS)
     layers: list[int] = Field(min_length=1)
     overwrite: bool = False
@@ -57,7 +60,7 @@ async def build_vector(body: BuildVectorRequest, raw_request: Request):
     if body.name in st.facts.vectors or body.name in st.facts.saes:
         return error(f"{body.name!r} is registered in the server's config; pick another name", "name",
                      HTTPStatus.CONFLICT)
-    if body.name in st.built and not body.overwrite:
+    if not body.overwrite and st.store.exists(body.name):
         return error(f"vector {body.name!r} exists; pass overwrite=true to replace it", "name", HTTPStatus.CONFLICT)
     texts = [t for p in body.pairs for t in (p.positive, p.negative)]
     tok = await asyncio.to_thread(st.tokenizer)
@@ -84,11 +87,11 @@ async def build_vector(body: BuildVectorRequest, raw_request: Request):
         return error(f"cannot build the vector: {e}", status=HTTPStatus.SERVICE_UNAVAILABLE)
     vector = {L: torch.stack([acts[2 * i][L] - acts[2 * i + 1][L] for i in range(len(body.pairs))]).mean(0)
               for L in layers}
-    from sae_steer.formats import save_vector
-    path = await asyncio.to_thread(save_vector, vector, st.vector_dir / f"{body.name}.safetensors",
-                                   metadata={"built_from_pairs": str(len(body.pairs)),
-                                             "method": "caa-mean-difference"})
-    st.built[body.name] = vector
+    try:
+        path = await st.store.put(body.name, vector, {"built_from_pairs": str(len(body.pairs)),
+                                                      "method": "caa-mean-difference"}, overwrite=body.overwrite)
+    except FileExistsError:  # another replica sharing the store wrote this name meanwhile
+        return error(f"vector {body.name!r} exists; pass overwrite=true to replace it", "name", HTTPStatus.CONFLICT)
     logger.info("sae-steer: vector %r saved to %s", body.name, path)
     return {"name": body.name, "layers": layers, "pairs": len(body.pairs), "path": str(path),
             "norms": {str(L): float(v.norm()) for L, v in vector.items()}}
@@ -100,8 +103,6 @@ async def delete_vector(name: str, raw_request: Request):
     if name in st.facts.vectors:
         return error(f"vector {name!r} comes from the server's config and cannot be deleted over HTTP", "name",
                      HTTPStatus.CONFLICT)
-    if name not in st.built:
+    if not (name in st.built or re.match(NAME_PATTERN, name)) or not await st.store.remove(name):
         return error(f"no built vector {name!r}", "name", HTTPStatus.NOT_FOUND)
-    del st.built[name]
-    (st.vector_dir / f"{name}.safetensors").unlink(missing_ok=True)
     return {"name": name, "deleted": True}

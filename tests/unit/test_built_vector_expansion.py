@@ -14,7 +14,7 @@ FACTS = ModelFacts(d_model=4, num_layers=3, steerable_layers=frozenset({1, 2}), 
 
 def server_state(built: dict) -> SteeringState:
     st = SteeringState.__new__(SteeringState)  # only what check_steering reads: no engine needed
-    st.facts, st.built = FACTS, built
+    st.facts, st.built, st.built_calibrations = FACTS, built, {}
     return st
 
 

@@ -96,6 +96,8 @@ class Scan:
 
 
 class VectorStore:
+    """One API process's view of the store: what it serves (`vectors`, `calibrations`) and how it writes."""
+
     def __init__(self, directory: Path, unservable: Callable[[str, dict[int, torch.Tensor]], str | None]):
         self.directory = directory
         self.unservable = unservable  # why this server cannot serve a vector (None: it can)

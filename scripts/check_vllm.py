@@ -911,6 +911,13 @@ TOUCH_POINTS: list[TouchPoint] = [
     *[TouchPoint(f"{cls}.{a}", Attr(f"{mod}.protocol", cls, a), "server/completions.py reads it")
       for mod, cls in ((COMPLETION, "CompletionRequest"), (CHAT, "ChatCompletionRequest"))
       for a in ("vllm_xargs", "seed", "stream", "stream_options", "n")],
+    *[TouchPoint(f"{cls}.{a}", Attr(f"{mod}.protocol", cls, a), "server/completions.py reads it with a default: "
+                 + why, optional=True)
+      for mod, cls in ((COMPLETION, "CompletionRequest"), (CHAT, "ChatCompletionRequest"))
+      for a, why in (("use_beam_search", "telemetry refuses beam search"),
+                     ("request_id", "compare names the unsteered twin after it"))],
+    TouchPoint("CompletionRequest.prompt", Attr(f"{COMPLETION}.protocol", "CompletionRequest", "prompt"),
+               "server/completions.py: telemetry needs a single prompt", optional=True),
     TouchPoint("request models keep unknown fields", ClassSourceHas(f"{COMPLETION}.protocol", "CompletionRequest",
                'extra="allow"'), "refuse_unhandled_steering finds a stray `steering` in model_extra"),
     TouchPoint("app.state.openai_serving_completion", AssignedSomewhere("vllm/entrypoints", "openai_serving_completion"),

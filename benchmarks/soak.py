@@ -520,7 +520,7 @@ async def after_checks(soak: Soak, pid: int | None, runtime: Path | None) -> dic
     # runtime directory: no telemetry or capture file left behind
     if runtime is not None and runtime.is_dir():
         await asyncio.sleep(2)
-        left = sorted(os.listdir(runtime))
+        left = sorted(n for n in os.listdir(runtime) if not n.startswith("_slots."))  # each engine's slot counts
         now = time.time()
         ages = {n: round(now - (runtime / n).stat().st_mtime, 1) for n in left[:10] if (runtime / n).exists()}
         kinds = Counter(n.split(".", 1)[1] if "." in n else n for n in left)

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from sae_steer.capture import SHARD_TOKENS, CaptureMissing, ShardWriter, tokenize_texts
+from sae_steer.server import metrics
 from sae_steer.server.auth import require_admin
 from sae_steer.server.errors import error
 from sae_steer.server.state import state
@@ -40,6 +41,7 @@ class CaptureRequest(BaseModel):
 
 
 @router.post("/v1/steering/captures", dependencies=[Depends(require_admin)], status_code=201)
+@metrics.counted("captures")
 async def capture(body: CaptureRequest, raw_request: Request):
     st = state(raw_request)
     try:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
+from sae_steer.server import metrics
 from sae_steer.server.errors import error
 from sae_steer.server.protocol import SteeredChatCompletionRequest, SteeredCompletionRequest, reserved_xarg
 from sae_steer.server.responses import response_body, respond, stream_with_telemetry, stream_then_unsteered
@@ -36,6 +37,7 @@ async def _serve(request, raw_request: Request, handler_name: str, method: str):
     bad = _check(request, st)
     if bad is not None:
         return bad
+    metrics.record_steered(request.steering)
     handler = getattr(raw_request.app.state, handler_name)
     if handler is None:
         return error("this model does not support this API", status=HTTPStatus.NOT_FOUND)
@@ -91,6 +93,7 @@ def _check(request, st: SteeringState) -> JSONResponse | None:
             if request.steering is None:
                 raise SteeringError(prefix + "compare", "compare needs interventions to compare against")
     except SteeringError as e:
+        metrics.record_refused(e.field)
         return error(str(e), e.field)
     return None
 

@@ -24,7 +24,7 @@ import logging
 
 from fastapi import FastAPI, Request
 
-from sae_steer.server import captures, completions, saes, vectors
+from sae_steer.server import captures, completions, metrics, saes, vectors
 from sae_steer.server.errors import HTTPError
 from sae_steer.server.state import SteeringState, store_poll_seconds
 
@@ -39,13 +39,16 @@ class SteeringEndpoints:
     def attach_router(self, app: FastAPI) -> None:
         for module in (completions, saes, vectors, captures):
             app.include_router(module.router)
+        metrics.attach(app)  # sae-steer's series on vLLM's /metrics: the workers' slots read at each scrape
 
         @app.exception_handler(HTTPError)
         async def _(request: Request, exc: HTTPError):
+            metrics.record_admin_refused(exc.response.status_code)  # only auth.require_admin raises HTTPError
             return exc.response
 
     async def init_state(self, engine_client, state, args) -> None:
         state.sae_steer = SteeringState(engine_client, args)
+        metrics.init(engine_client, state.sae_steer.facts)
         state.sae_steer.store.follow(store_poll_seconds())  # vectors built or deleted by replicas sharing the store
         logger.info("sae-steer: HTTP endpoints ready (steering field, /v1/steering/*); admin routes %s; "
                     "runtime directory %s", "enabled" if state.sae_steer.admin_key else

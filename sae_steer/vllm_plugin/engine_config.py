@@ -108,6 +108,8 @@ def install() -> None:
         steering = has_steering(self)
         if steering:
             choose_graph_settings(self.compilation_config, current_platform.is_cuda_alike(), before_post_init=True)
+            from sae_steer.vllm_plugin.engine_options import choose_scheduling
+            choose_scheduling(self.scheduler_config, current_platform.is_cuda_alike())
         post_init(self)
         if steering:
             choose_graph_settings(self.compilation_config, current_platform.is_cuda_alike(), before_post_init=False)

@@ -15,7 +15,7 @@ from sae_steer.spec import ModelFacts
 
 _current: ModelFacts | None = None  # the facts of the engine this process serves (front end)
 _current_settings: Settings | None = None
-_current_full_graphs = False
+_current_observe_refusal: str | None = None  # why telemetry / capture are refused here
 
 
 def settings_of(config) -> Settings | None:
@@ -27,20 +27,14 @@ def facts_for(config) -> ModelFacts | None:
     raw = (config.additional_config or {}).get(SETTINGS_KEY)
     if raw is None:
         return None
-    from sae_steer.vllm_plugin import adapters, require_complete
+    from sae_steer.vllm_plugin import adapters, engine_options, require_complete
     require_complete()
     adapters.family_of(config.model_config.architectures)  # an unknown family is refused by name
+    engine_options.refuse_unsupported(config)
     model = config.model_config
     facts = _facts(json.dumps(raw, sort_keys=True), model.get_hidden_size(), model.get_total_num_hidden_layers())
-    parallel = config.parallel_config
-    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-        # Logit steering reads the whole unembedding in the worker; a sharded or last-stage-only LM head
-        # would need collectives that are not written (yet).
-        return dataclasses.replace(facts, logit_refusal=(
-            f"logit interventions need tensor and pipeline parallel size 1 (this engine runs "
-            f"{parallel.tensor_parallel_size} x {parallel.pipeline_parallel_size}); steer the residual stream "
-            f"with a `sae` intervention instead"))
-    return facts
+    refusal = engine_options.logit_refusal(config)
+    return facts if refusal is None else dataclasses.replace(facts, logit_refusal=refusal)
 
 
 @functools.lru_cache(maxsize=8)
@@ -50,11 +44,11 @@ def _facts(settings_json: str, d_model: int, num_layers: int) -> ModelFacts:
 
 
 def record(config) -> None:
-    global _current, _current_settings, _current_full_graphs
-    from sae_steer.vllm_plugin.engine_config import full_graphs
+    global _current, _current_settings, _current_observe_refusal
+    from sae_steer.vllm_plugin.engine_options import observe_refusal
     _current = facts_for(config)
     _current_settings = settings_of(config)
-    _current_full_graphs = _current is not None and full_graphs(config)
+    _current_observe_refusal = observe_refusal(config) if _current is not None else None
 
 
 def current() -> ModelFacts | None:
@@ -65,6 +59,7 @@ def current_settings() -> Settings | None:
     return _current_settings
 
 
-def current_full_graphs() -> bool:
-    """Does the engine this process serves replay steering from full CUDA graphs (no telemetry/capture)?"""
-    return _current_full_graphs
+def current_observe_refusal() -> str | None:
+    """Why the engine this process serves cannot run telemetry and capture (full CUDA graphs, speculative
+    decoding), or None."""
+    return _current_observe_refusal

@@ -88,10 +88,8 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
             if observers.CAPTURE_KEY in ours:
                 parse_capture(extra[observers.CAPTURE_KEY], model_facts, observers.CAPTURE_KEY)
             observed = [k for k in ours if k != "steering"]
-            if observed and facts.current_full_graphs():
-                raise SteeringError(observed[0], "this engine replays steering from full CUDA graphs, where telemetry "
-                                                 "and capture cannot run: serve them with cudagraph_mode PIECEWISE "
-                                                 "(the default for steering engines) or NONE")
+            if observed and facts.current_observe_refusal() is not None:
+                raise SteeringError(observed[0], facts.current_observe_refusal())
             if observed:
                 try:  # the worker writes there: refuse here rather than in the model's forward pass
                     observers.check_runtime_dir()

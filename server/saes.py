@@ -1,7 +1,7 @@
 """GET /v1/steering/saes, /v1/steering/saes/{name}/features/{index} (decoder norm, logit-lens top tokens,
-label, and, where the SAE has feature records beside it, its top-activating contexts, activation frequency
-and automatic label) and /v1/steering/saes/{name}/features?search=WORD (features whose contexts or
-logit-lens tokens mention the word). The logit lens (read from the model's safetensors by its family's
+label, calibrated strengths, and, where the SAE has feature records beside it, its top-activating contexts,
+activation frequency and automatic label) and /v1/steering/saes/{name}/features?search=WORD (features whose
+contexts or logit-lens tokens mention the word). The logit lens (read from the model's safetensors by its family's
 names), the SAE and the records load on first use, in a worker thread: the event loop never waits on them."""
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ async def describe_feature(name: str, index: int, raw_request: Request, top_k: i
         out = {"sae": name, "index": index, "layer": st.facts.saes[name].layer,
                "decoder_norm": float(st.sae(name).W_dec[index].float().norm()),
                "top_tokens": tokens(lens["top"]), "bottom_tokens": tokens(lens["bottom"]),
-               "label": st.labels.get(name, {}).get(index)}
+               "label": st.labels.get(name, {}).get(index),
+               # `sae-steer eval`'s stored strengths per mode ({"add": {"strength", "score"}, ...}): "auto"
+               "calibration": st.facts.calibrations.get(name, {}).get("features", {}).get(str(index))}
         records = st.feature_records(name)
         if records is not None:
             record = records.get(index)

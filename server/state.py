@@ -101,10 +101,14 @@ class SteeringState:
     # ---- captures through the engine (CAA builds, the capture route) ----
 
     async def capture(self, token_ids: list[int], layers: list[int], text: str,
-                      positions: str = "all") -> dict[int, torch.Tensor]:
+                      positions: str = "all", steering: Admitted | None = None) -> dict[int, torch.Tensor]:
         """One capture request (sae_steer.capture), at most CAPTURE_CONCURRENCY in flight across all builds;
-        its files are read and discarded off the event loop, whatever happens. CaptureMissing names `text`."""
+        its files are read and discarded off the event loop, whatever happens. CaptureMissing names `text`.
+        With `steering` (checked by check_steering), the stream is read under those interventions (the lens
+        route's steered grid)."""
         cid, prompt, params = capture_request(token_ids, layers, positions)
+        if steering is not None:
+            params.extra_args["steering"] = steering
         async with self.capture_slots:
             try:
                 async for _ in self.engine_client.generate(prompt, params, f"sae-steer-capture-{cid}"):

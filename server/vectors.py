@@ -28,7 +28,9 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 @router.get("/v1/steering/vectors")
 async def list_vectors(raw_request: Request):
     st = state(raw_request)
-    data = [{"name": n, "layers": sorted(L), "source": "config"} for n, L in sorted(st.facts.vectors.items())]
+    data = [{"name": n, "layers": sorted(L), "source": "config",
+             "calibration": {k: c[k] for k in ("layer", "coef")} if (c := st.facts.calibrations.get(n)) else None}
+            for n, L in sorted(st.facts.vectors.items())]  # calibration: what "coef": "auto" stands for
     data += [{"name": n, "layers": sorted(v), "source": "built", "path": str(st.store.path(n)),
               "calibration": {k: c[k] for k in ("layer", "coef")} if (c := st.built_calibrations.get(n)) else None}
              for n, v in sorted(st.built.items())]

@@ -2,11 +2,15 @@
 
 Layout (the style of vLLM's builtin logits processors: fixed tensors, updated from BatchUpdate):
 
-    token_row       [max_tokens]    this step's token -> persistent-batch row (prepare_step); padding -> pad row
-    row_slot        [max_rows + 1]  persistent-batch row -> steering slot (0 = no steering; the pad row's is 0)
-    row_prompt_len  [max_rows + 1]  for positions = prompt | generated
-    slot_positions  [n_slots]       0 all, 1 prompt, 2 generated
-    per steerable layer (index li), per slot s, up to E edits e:
+    step           [1 + max_tokens, 3 + n_topk_layers] int32, this step's per-token map, written by
+                   prepare_step into a pinned host buffer and copied to the device once per step:
+                   row 1 + t = (slot, window start, window end, then token lists): token t's steering slot
+                   (0 = none; padding past the step's tokens -> 0) and the positions where its request
+                   steers (its `positions` mode folded in: [0, prompt_len), [prompt_len, 2^31 - 1) or all);
+                   column 3 + j = the tokens whose slot edits a TopK SAE of the j-th layer that has any,
+                   their count in row 0. The kernels read positions from the runner's own buffer.
+    per steerable layer (index li), per slot s, up to E edits e (written by update(), for new slots only):
+      slot_edits    [L, n_slots]    live edits of slot s at the layer; -1: the slot touches nothing there
       edit_feature  [L, n_slots, E] feature in the layer's packed dictionary (pad: the null feature)
       edit_mul      [L, n_slots, E] a - 1       with f' = a f + b, so f' - f = (a - 1) f + b
       edit_add      [L, n_slots, E] b
@@ -18,21 +22,23 @@ Requests with identical steering share a slot (refcounted by fingerprint: row_sl
 256 requests with one config cost one slot. All SAEs at a layer are packed into one feature space with
 b_dec folded into per-feature biases (SparseAutoencoder.packed), so one gather serves every
 SAE and architecture; TopK SAEs are packed last, side by side, and their members come from a
-full encode (sae_steer.kernels.full_steer.topk_segment).
+full encode of the tokens that need it (sae_steer.kernels.full_steer).
 
-`apply` has no Python loop over requests or tokens: the token -> row map is written by
-`prepare_step` from the step's query_start_loc (the plugin's own copy of what vLLM hands every
-attention backend, so no backend's metadata is read). The math is the kernels' (sparse_steer):
-the Triton kernel on CUDA, torch elsewhere. Two ways to run it:
+Per layer call (`apply`) there is no Python loop over requests or tokens and nothing is computed
+that depends only on the step: one kernel (`sae_steer_kernels::steer`: Triton on CUDA, torch on CPU), plus
+one encode launch at a layer with TopK SAEs. A token whose slot is idle at the layer is copied; the
+kernel loops over each slot's live edits only. Everything per step is in `step`, from the step's
+query_start_loc (the plugin's own copy of what vLLM hands every attention backend, so no backend's
+metadata is read). Two ways to run it:
 
-    graph_safe=False  eager: layers no live slot touches are skipped, the edit tables are cut to the
-                      widest live slot (edits_in_use), TopK SAEs are encoded only when a live slot
-                      edits them, and the CPU path multiplies by the batch's distinct features only.
+    graph_safe=False  eager: layers no live slot touches are a clone (decided on the host), and TopK
+                      SAEs are encoded only when a live slot edits them.
     graph_safe=True   capturable in a full CUDA graph: every per-step input is a fixed-address buffer
                       updated in place by update() / prepare_step() on the host before the forward,
-                      and apply() decides nothing from them: always the full table width, every TopK
-                      SAE of the layer encoded, no host reads. A branch frozen at capture time, when
-                      nothing was steered, would otherwise drop later steering silently.
+                      and apply() decides nothing from them: the kernels read the live counts on the device
+                      (a layer nobody steers costs one copying launch, and an encode launch that exits at
+                      once where the layer has TopK SAEs). A branch frozen at capture time, when nothing was
+                      steered, would otherwise drop later steering silently.
 
 Telemetry and capture (observers.py) read results on the host: they run only where apply()'s Python
 body runs (eager, or the op as a graph split point), never inside a graph being captured.
@@ -41,10 +47,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
-from sae_steer.kernels.full_steer import topk_segment
-from sae_steer.kernels.sparse_steer import HAS_TRITON, sparse_steer, sparse_steer_triton
+from sae_steer.kernels import ops
+from sae_steer.kernels.full_steer import encode_triton
+from sae_steer.kernels.sparse_steer import HAS_TRITON, WINDOW_END, sparse_steer_triton
 from sae_steer.registry import Registry
 from sae_steer.sae import SparseAutoencoder
 from sae_steer.spec import SaeIntervention, Steering
@@ -52,6 +60,7 @@ from sae_steer.vllm_plugin import observers
 from sae_steer.vllm_plugin.row_slots import RowSlots
 
 POSITION_MODES = {"all": 0, "prompt": 1, "generated": 2}
+SLOT_TABLES = ("slot_edits", "edit_feature", "edit_mul", "edit_add", "gate_feature", "gate_above", "vector")
 
 
 class LayerDictionary:
@@ -59,7 +68,8 @@ class LayerDictionary:
     zero rows and parameters, so f = 0: the padding of edit tables). TopK SAEs come last, side by side
     in [topk_lo, null), so a single TopK segment of the sparse kernel covers all of them."""
 
-    def __init__(self, saes: dict[str, SparseAutoencoder], d_model: int, device: torch.device):
+    def __init__(self, saes: dict[str, SparseAutoencoder], d_model: int, device: torch.device,
+                 weight_dtype: torch.dtype = torch.float32):
         self.offset: dict[str, int] = {}
         self.topk: list[tuple[str, int, int, int]] = []  # (name, lo, hi, k) of each TopK SAE
         packed = []
@@ -75,8 +85,8 @@ class LayerDictionary:
         zero_row, zero = torch.zeros(1, d_model, device=device), torch.zeros(1, device=device)
         enc, gate_bias, threshold, mag_scale, mag_bias, dec = (list(part) for part in zip(*packed)) if packed \
             else ([] for _ in range(6))
-        self.enc = torch.cat(enc + [zero_row]).contiguous()  # [F+1, d]
-        self.dec = torch.cat(dec + [zero_row]).contiguous()  # [F+1, d]
+        self.enc = torch.cat(enc + [zero_row]).to(weight_dtype).contiguous()  # [F+1, d]
+        self.dec = torch.cat(dec + [zero_row]).to(weight_dtype).contiguous()  # [F+1, d]
         self.gate_bias = torch.cat(gate_bias + [zero])  # [F+1]
         self.threshold = torch.cat(threshold + [zero])
         self.mag_scale = torch.cat(mag_scale + [zero])
@@ -100,69 +110,106 @@ class _SlotInfo:
     saes: set[str]
 
 
+@dataclass
+class _LayerArgs:
+    """One layer's fixed views of the table, in the kernels' argument order (built once: a layer call slices
+    nothing)."""
+    tables: tuple  # slot_edits, edit_feature, edit_mul, edit_add, gate_feature, gate_above, vector [li]
+    topk_saes: torch.Tensor | None  # [N, 3] (lo, hi, k) of the layer's TopK SAEs; None: it has none
+    rows: torch.Tensor | None  # the step's token list of the layer's TopK encode, and its count
+    count: torch.Tensor | None
+
+
 class SteeringTable:
     def __init__(self, registry: Registry, steerable_layers: list[int], max_rows: int, max_tokens: int,
-                 max_edits: int, d_model: int, device: torch.device, graph_safe: bool = False):
+                 max_edits: int, d_model: int, device: torch.device, graph_safe: bool = False,
+                 weight_dtype: torch.dtype = torch.float32):
+        """weight_dtype: the packed SAE weights (enc, dec); the serving dtype on GPU (bf16/fp16 tensor cores,
+        fp32 accumulation), fp32 to keep full precision. Activation parameters and slot tables stay fp32."""
         self.registry = registry
+        self.device = torch.device(device)
         self.layers = sorted(steerable_layers)
         self.layer_index = {L: i for i, L in enumerate(self.layers)}
-        self.dictionaries = [LayerDictionary({n: s for n, s in registry.saes.items() if s.layer == L}, d_model, device)
-                             for L in self.layers]
-        for dictionary in self.dictionaries:  # hold every SAE's weights once: the registry's become views
-            registry.saes.update(dictionary.share_weights(registry.saes))
+        self.dictionaries = [LayerDictionary({n: s for n, s in registry.saes.items() if s.layer == L}, d_model, device,
+                                             weight_dtype) for L in self.layers]
+        # Hold every SAE's weights once: the registry's become views. In another dtype they stay the registry's
+        # own (fp32: telemetry encodes with them), beside the table's packed copy.
+        if weight_dtype == torch.float32:
+            for dictionary in self.dictionaries:
+                registry.saes.update(dictionary.share_weights(registry.saes))
         n_layers, n_slots, self.max_edits = len(self.layers), max_rows + 1, max_edits
-        i64 = dict(dtype=torch.int64, device=device)
-        f32 = dict(dtype=torch.float32, device=device)
-        # Row max_rows is the pad row: the tokens a captured batch size adds past the step's real ones map
-        # to it, and its slot stays 0 (no steering) because no request is ever added there.
+        cuda = self.device.type == "cuda"
+        # The slot tables, written on the host (per new slot, never per step) and copied to the device for the
+        # slots that changed; on CPU the host tables are the device's.
+        host = dict(device="cpu")
+        self._host = dict(
+            slot_edits=torch.full((n_layers, n_slots), -1, dtype=torch.int32, **host),
+            edit_feature=torch.zeros(n_layers, n_slots, max_edits, dtype=torch.int64, **host),
+            edit_mul=torch.zeros(n_layers, n_slots, max_edits, **host),
+            edit_add=torch.zeros(n_layers, n_slots, max_edits, **host),
+            gate_feature=torch.zeros(n_layers, n_slots, max_edits, dtype=torch.int64, **host),
+            gate_above=torch.full((n_layers, n_slots, max_edits), float("-inf"), **host),
+            vector=torch.zeros(n_layers, n_slots, d_model, **host))
+        self._null = torch.tensor([d.null for d in self.dictionaries], dtype=torch.int64)[:, None, None]
+        self._host["edit_feature"][:] = self._null
+        self._host["gate_feature"][:] = self._null
+        for name, t in self._host.items():
+            setattr(self, name, t.to(self.device) if cuda else t)
+        self.slot_positions = torch.zeros(n_slots, dtype=torch.int64)  # host: 0 all, 1 prompt, 2 generated
+        self._host_vectors: dict[tuple[str, int], torch.Tensor] = {}
+        # The per-step map (see the module docstring). Row max_rows is the pad row of the row arrays below:
+        # no request is ever added there, so its slot stays 0.
         self.pad_row = max_rows
-        self.token_row = torch.full((max_tokens,), self.pad_row, **i64)
-        self.row_slot = torch.zeros(max_rows + 1, **i64)
-        self.row_prompt_len = torch.zeros(max_rows + 1, **i64)
-        self.slot_positions = torch.zeros(n_slots, **i64)
-        self.edit_feature = torch.zeros(n_layers, n_slots, max_edits, **i64)
-        self.edit_mul = torch.zeros(n_layers, n_slots, max_edits, **f32)
-        self.edit_add = torch.zeros(n_layers, n_slots, max_edits, **f32)
-        self.gate_feature = torch.zeros(n_layers, n_slots, max_edits, **i64)
-        self.gate_above = torch.full((n_layers, n_slots, max_edits), float("-inf"), **f32)
-        self.vector = torch.zeros(n_layers, n_slots, d_model, **f32)
+        self.topk_layers = [li for li, d in enumerate(self.dictionaries) if d.topk]
+        self.step = torch.zeros(1 + max_tokens, 3 + len(self.topk_layers), dtype=torch.int32, device=self.device)
+        self.tokens = self.step[1:]  # [max_tokens, 3 + n_topk_layers]: what the kernels read
+        # Pinned host buffers, two so that a step's copy never races the host writing the next step's map.
+        self._step_host = [torch.zeros(self.step.shape, dtype=torch.int32, pin_memory=True) for _ in range(2)] \
+            if cuda else [self.step]
+        self._step_copied: list = [None, None]
+        self._step_turn = 0
+        self._step_used = 0  # tokens written by the last prepare_step (the device holds 0 past them)
+        # Row arrays (host, numpy), rebuilt at each batch change: each row's (slot, window start, window end),
+        # and per TopK layer whether its slot edits a TopK SAE there.
+        self._row_window = np.zeros((max_rows + 1, 3), dtype=np.int32)
+        self._slot_topk = np.zeros((len(self.topk_layers), n_slots), dtype=bool)
+        self._row_topk = np.zeros((len(self.topk_layers), max_rows + 1), dtype=bool)
+        self._layer_args = []
+        for li, dic in enumerate(self.dictionaries):
+            tables = tuple(getattr(self, name)[li] for name in SLOT_TABLES)
+            j = self.topk_layers.index(li) if dic.topk else None
+            self._layer_args.append(_LayerArgs(
+                tables, torch.tensor([(lo, hi, k) for _, lo, hi, k in dic.topk], dtype=torch.int32,
+                                     device=self.device) if dic.topk else None,
+                None if j is None else self.step[1:, 3 + j], None if j is None else self.step[0, 3 + j]))
         # The residual of blocks that return the whole stream (residual None): a zero row, broadcast, so no
         # [T, d] zeros are allocated per call.
-        self.zero_residual = torch.zeros(1, d_model, **f32)
-        for li, dictionary in enumerate(self.dictionaries):
-            self.edit_feature[li].fill_(dictionary.null)
-            self.gate_feature[li].fill_(dictionary.null)
+        self.zero_residual = torch.zeros(1, d_model, device=self.device)
         # Host-side bookkeeping (Python, once per batch change; the hot path is not): row -> slot (0: none),
         # each row's data (prompt_len, telemetry / capture request: observers.py), and each live slot's
         # _SlotInfo (rows.live).
         self.rows = RowSlots(max_rows + 1, range(1, n_slots), none=0, key=Steering.fingerprint)
-        self._bounds: list[int] = [0]  # this step's query_start_loc, for telemetry / capture
+        self._bounds = np.zeros(1, dtype=np.int64)  # this step's query_start_loc, for telemetry / capture
         self.observed_layers: set[int] = set()
-        self.edits_in_use = [0] * n_layers  # per layer: the widest slot's edit count (E of this step)
         self.layer_live = [False] * n_layers  # per layer: does any live slot touch it
         self.topk_live: list[set[str]] = [set() for _ in self.layers]
-        # (lo, hi, k) of the TopK SAEs a step encodes, per layer: all of them, or those a live slot edits
-        self._topk_all = [[(lo, hi, k) for _, lo, hi, k in d.topk] for d in self.dictionaries]
-        self._topk_edited = [[] for _ in self.layers]
-        # The same on the device, per layer: the graph-safe path's TopK encode skips its work when 0 (a
-        # replayed graph cannot branch on the host's sets, but the kernel can read this).
-        self.topk_live_flag = torch.zeros(n_layers, dtype=torch.int32, device=device)
         self.graph_safe = graph_safe
         # Set by the plugin during vLLM's memory-profiling run, which has no requests: the step then takes
-        # the widest path (full table width, every TopK SAE encoded full-width), so the KV cache that vLLM
+        # the widest path (every TopK SAE's activations allocated for every token), so the KV cache that vLLM
         # sizes from that run leaves room for what steering allocates inside the forward.
         self.worst_case = False
-        # The Triton kernel: on CUDA; tests also turn it on under TRITON_INTERPRET to check the wiring.
-        self.fused = HAS_TRITON and torch.device(device).type == "cuda"
+        # The Triton kernels: on CUDA; tests also turn it on under TRITON_INTERPRET to check the wiring.
+        self.fused = HAS_TRITON and cuda
 
     @property
     def nbytes(self) -> int:
-        """Device memory held: the packed SAEs (the registry's weights are views of them), the slot tables
-        and the registered vectors."""
+        """Device memory held: the packed SAEs (the registry's weights are views of them), the slot tables,
+        the step map and the registered vectors."""
         tensors = [t for d in self.dictionaries for t in (d.enc, d.dec, *d.params)]
-        tensors += [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        tensors += [t for t in vars(self).values() if isinstance(t, torch.Tensor) and t.device == self.device]
         tensors += [v for per_layer in self.registry.vectors.values() for v in per_layer.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        unique = {(t.data_ptr(), t.numel() * t.element_size()) for t in tensors if t._base is None}
+        return sum(size for _, size in unique)
 
     # ---- bookkeeping: called from the logits processor's update_state, before the forward ----
 
@@ -171,58 +218,91 @@ class SteeringTable:
         vLLM's order: removed, added, moved."""
         added = [(row, steering, (prompt_len, observe[0] if observe else None))
                  for row, steering, prompt_len, *observe in added]
-        self.rows.update(added, removed, moved, self._write_slot)
-        self.row_slot.copy_(torch.tensor(self.rows.row_slot), non_blocking=True)
-        self.row_prompt_len.copy_(torch.tensor([data[0] if data else 0 for data in self.rows.row_data]),
-                                  non_blocking=True)
+        written: list[int] = []
+
+        def write(slot: int, steering: Steering) -> _SlotInfo:
+            written.append(slot)
+            return self._write_slot(slot, steering)
+
+        self.rows.update(added, removed, moved, write)
+        if written and self.device.type != "cpu":  # one copy per table for the new slots
+            slots = torch.tensor(written)
+            on_device = slots.to(self.device)
+            for name in SLOT_TABLES:
+                getattr(self, name).index_copy_(1, on_device, self._host[name][:, slots].to(self.device))
+        self._refresh_rows()
         self._refresh_layer_flags()
 
+    def _host_vector(self, name: str, layer: int) -> torch.Tensor:
+        key = (name, layer)
+        if key not in self._host_vectors:
+            self._host_vectors[key] = self.registry.vectors[name][layer].float().cpu()
+        return self._host_vectors[key]
+
     def _write_slot(self, slot: int, steering: Steering) -> _SlotInfo:
+        """Rewrite every layer's entries of `slot` in the host tables (one assignment per table and layer)."""
+        h = self._host
         self.slot_positions[slot] = POSITION_MODES[steering.positions]
-        self.vector[:, slot].zero_()
-        self.gate_above[:, slot].fill_(float("-inf"))
-        for li, dictionary in enumerate(self.dictionaries):
-            self.edit_feature[li, slot].fill_(dictionary.null)
-            self.gate_feature[li, slot].fill_(dictionary.null)
-        self.edit_mul[:, slot].zero_()
-        self.edit_add[:, slot].zero_()
+        h["slot_edits"][:, slot] = -1
+        h["edit_feature"][:, slot] = self._null[:, 0]
+        h["gate_feature"][:, slot] = self._null[:, 0]
+        h["edit_mul"][:, slot] = 0.0
+        h["edit_add"][:, slot] = 0.0
+        h["gate_above"][:, slot] = float("-inf")
+        h["vector"][:, slot] = 0.0
         info = _SlotInfo({}, set(), set())
+        edits: dict[int, list[tuple]] = {}
         for iv in steering.interventions:
             if isinstance(iv, SaeIntervention):
                 li = self.layer_index[self.registry.saes[iv.sae].layer]
-                dictionary, e = self.dictionaries[li], info.edits.get(li, 0)
+                dictionary = self.dictionaries[li]
                 a, b = iv.edit_coefficients()
-                self.edit_feature[li, slot, e] = dictionary.offset[iv.sae] + iv.feature
-                self.edit_mul[li, slot, e] = a - 1.0
-                self.edit_add[li, slot, e] = b
-                if iv.when is not None:
-                    self.gate_feature[li, slot, e] = dictionary.offset[iv.sae] + iv.when.feature
-                    self.gate_above[li, slot, e] = iv.when.above
-                info.edits[li] = e + 1
+                gate, above = (dictionary.null, float("-inf")) if iv.when is None else \
+                    (dictionary.offset[iv.sae] + iv.when.feature, iv.when.above)
+                edits.setdefault(li, []).append((dictionary.offset[iv.sae] + iv.feature, a - 1.0, b, gate, above))
                 info.touched.add(li)
                 info.saes.add(iv.sae)
             elif iv.values is not None:
                 li = self.layer_index[iv.layer]
-                self.vector[li, slot] += iv.coef * torch.tensor(iv.values, device=self.vector.device)
+                h["vector"][li, slot] += iv.coef * torch.tensor(iv.values)
                 info.touched.add(li)
             else:
-                for layer, v in self.registry.vectors[iv.vector].items():
+                for layer in self.registry.vectors[iv.vector]:
                     if iv.layer is None or iv.layer == layer:
                         li = self.layer_index[layer]
-                        self.vector[li, slot] += iv.coef * v
+                        h["vector"][li, slot] += iv.coef * self._host_vector(iv.vector, layer)
                         info.touched.add(li)
+        for li, rows in edits.items():
+            n = len(rows)
+            feature, mul, add, gate, above = zip(*rows)
+            h["edit_feature"][li, slot, :n] = torch.tensor(feature)
+            h["edit_mul"][li, slot, :n] = torch.tensor(mul)
+            h["edit_add"][li, slot, :n] = torch.tensor(add)
+            h["gate_feature"][li, slot, :n] = torch.tensor(gate)
+            h["gate_above"][li, slot, :n] = torch.tensor(above)
+            info.edits[li] = n
+        for li in info.touched:
+            h["slot_edits"][li, slot] = info.edits.get(li, 0)
+        topk_names = [{name for name, *_ in self.dictionaries[li].topk} for li in self.topk_layers]
+        self._slot_topk[:, slot] = [bool(names & info.saes) for names in topk_names]
         return info
+
+    def _refresh_rows(self) -> None:
+        """The row arrays that prepare_step repeats per token: (slot, window) and the TopK flags."""
+        slot = np.asarray(self.rows.row_slot, dtype=np.int32)
+        plen = np.array([data[0] if data else 0 for data in self.rows.row_data], dtype=np.int32)
+        mode = self.slot_positions.numpy()[slot]
+        self._row_window[:, 0] = slot
+        self._row_window[:, 1] = np.where(mode == POSITION_MODES["generated"], plen, 0)
+        self._row_window[:, 2] = np.where(mode == POSITION_MODES["prompt"], plen, WINDOW_END)
+        self._row_topk[:] = self._slot_topk[:, slot] & (slot != 0)
 
     def _refresh_layer_flags(self) -> None:
         infos = list(self.rows.live.values())
         for li, dictionary in enumerate(self.dictionaries):
             live = [s for s in infos if li in s.touched]
             self.layer_live[li] = bool(live)
-            self.edits_in_use[li] = max((s.edits.get(li, 0) for s in live), default=0)
             self.topk_live[li] = {name for name, *_ in dictionary.topk if any(name in s.saes for s in live)}
-            self._topk_edited[li] = [(lo, hi, k) for name, lo, hi, k in dictionary.topk if name in self.topk_live[li]]
-        self.topk_live_flag.copy_(torch.tensor([int(bool(names)) for names in self.topk_live], dtype=torch.int32),
-                                  non_blocking=True)
         self.observed_layers = set()
         for observe in filter(None, (data[1] for data in self.rows.row_data if data)):
             if "telemetry" in observe:
@@ -231,21 +311,38 @@ class SteeringTable:
 
     def prepare_step(self, query_start_loc: torch.Tensor) -> None:
         """query_start_loc: CPU ints [n_rows + 1], row i's tokens are [qsl[i], qsl[i+1]). Called on the host
-        before every forward, outside any captured graph: rewrites token_row in place (same address), so
-        a replayed graph reads this step's map. Tokens past qsl[-1] (padding) map to the pad row.
-        Eager, a step that steers nothing never reads the map: it is not written then (update() runs
-        before this, so a request added in this step is already live)."""
-        bounds = query_start_loc.tolist()
-        if bounds[-1] > self.token_row.shape[0]:
-            raise ValueError(f"{bounds[-1]} tokens in a step, but the table was sized for "
-                             f"max_tokens={self.token_row.shape[0]}")
+        before every forward, outside any captured graph: writes this step's map into `step` in place (same
+        address; one copy from pinned memory on CUDA), so a replayed graph reads this step's map. Tokens past
+        qsl[-1] (padding) get slot 0. Eager, a step that steers nothing never reads the map: it is not
+        written then (update() runs before this, so a request added in this step is already live)."""
+        bounds = query_start_loc.numpy()
+        n = int(bounds[-1])
+        if n > self.tokens.shape[0]:
+            raise ValueError(f"{n} tokens in a step, but the table was sized for max_tokens={self.tokens.shape[0]}")
         self._bounds = bounds
         if not (self.graph_safe or any(self.layer_live)):
             return
-        counts = torch.tensor(bounds).diff()
-        token_row = torch.full((self.token_row.shape[0],), self.pad_row, dtype=torch.int64)
-        token_row[:bounds[-1]] = torch.repeat_interleave(torch.arange(len(counts)), counts)
-        self.token_row.copy_(token_row, non_blocking=True)  # from pageable memory: reusable on return
+        turn = self._step_turn
+        if self._step_copied[turn] is not None:  # this buffer's previous copy must have left it
+            self._step_copied[turn].synchronize()
+        buf = self._step_host[turn].numpy()
+        counts = np.diff(bounds)
+        n_rows = len(counts)
+        used = max(n, self._step_used)
+        buf[1:1 + n, :3] = np.repeat(self._row_window[:n_rows], counts, axis=0)
+        buf[1 + n:1 + used, :3] = 0
+        for j in range(len(self.topk_layers)):
+            listed = np.flatnonzero(np.repeat(self._row_topk[j, :n_rows], counts))
+            buf[0, 3 + j] = len(listed)
+            buf[1:1 + len(listed), 3 + j] = listed
+        if self.device.type != "cpu":
+            self.step[:1 + used].copy_(self._step_host[turn][:1 + used], non_blocking=True)
+            event = torch.cuda.Event() if self.device.type == "cuda" else None
+            if event is not None:
+                event.record()
+            self._step_copied[turn] = event
+            self._step_turn = 1 - turn
+        self._step_used = n
 
     # ---- the hot path: one call per steerable layer per forward step ----
 
@@ -267,34 +364,26 @@ class SteeringTable:
         """apply() without the observers. With graph_safe: fixed shapes, no host reads, no branch on table
         contents (this is what a captured graph replays)."""
         li = self.layer_index[layer]
-        dic = self.dictionaries[li]
-        if self.graph_safe or self.worst_case:
-            E, topk = self.max_edits, self._topk_all[li]
-        elif not self.layer_live[li]:
+        every_step = self.graph_safe or self.worst_case
+        if not (every_step or self.layer_live[li]):
             return hidden.clone()
-        else:
-            E, topk = self.edits_in_use[li], self._topk_edited[li]
-        segment = None
-        if topk:  # TopK membership needs every pre-activation of those SAEs
-            segment = topk_segment(hidden, residual, dic.enc, *dic.params, topk, dic.topk_lo, dic.null,
-                                   live=self.topk_live_flag[li] if self.graph_safe else None)
-        args = (hidden, residual, self._token_slot(hidden.shape[0], positions),
-                self.edit_feature[li, :, :E], self.edit_mul[li, :, :E], self.edit_add[li, :, :E],
-                self.gate_feature[li, :, :E], self.gate_above[li, :, :E], self.vector[li], dic.enc, dic.dec, *dic.params)
+        if hidden.shape[0] > self.tokens.shape[0]:  # a shape, not a value: fine in a captured graph
+            raise ValueError(f"{hidden.shape[0]} tokens in a step, but the table was sized for "
+                             f"max_tokens={self.tokens.shape[0]}")
+        dic, args = self.dictionaries[li], self._layer_args[li]
+        acts = None
+        if args.topk_saes is not None and (every_step or self.topk_live[li]):
+            if self.fused:
+                acts = encode_triton(hidden, residual, dic.enc, *dic.params, dic.topk_lo, dic.null, args.rows,
+                                     args.count)
+            else:
+                acts = ops.encode_rows(hidden, residual, args.rows, args.count, dic.enc, *dic.params, dic.topk_lo,
+                                       dic.null)
         if self.fused:
-            return sparse_steer_triton(*args, topk_segment=segment)
-        return sparse_steer(*args, topk_segment=segment, fixed_shapes=self.graph_safe)
-
-    def _token_slot(self, T: int, positions: torch.Tensor) -> torch.Tensor:
-        """[T]: each token's steering slot, 0 where its row has none, its positions mode excludes it, or it is
-        padding (the pad row's slot is 0)."""
-        if T > self.token_row.shape[0]:  # a shape, not a value: fine in a captured graph
-            raise ValueError(f"{T} tokens in a step, but the table was sized for max_tokens={self.token_row.shape[0]}")
-        rows = self.token_row[:T]
-        slot = self.row_slot[rows]
-        mode, plen = self.slot_positions[slot], self.row_prompt_len[rows]
-        edited = (mode == 0) | ((mode == 1) & (positions < plen)) | ((mode == 2) & (positions >= plen))
-        return torch.where(edited, slot, 0)
+            return sparse_steer_triton(hidden, residual, positions, self.tokens, *args.tables, dic.enc, dic.dec,
+                                       *dic.params, None if acts is None else (acts, args.topk_saes, dic.topk_lo))
+        return ops.steer(hidden, residual, positions, self.tokens, *args.tables, dic.enc, dic.dec, *dic.params,
+                         acts, args.topk_saes if acts is not None else None, dic.topk_lo)
 
     def _observe(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, steered: torch.Tensor,
                  positions: torch.Tensor) -> None:

@@ -1,11 +1,12 @@
 """Property-based fuzzing of the SteeringTable's bookkeeping (sae_steer/vllm_plugin/table.py): random
 sequences of vLLM BatchUpdates (removals, additions, also over occupied rows, unidirectional moves, swaps),
 checked after every step against a plain Python model of rows -> (steering, prompt_len, observe):
-  - the host mirrors and the device tensors agree (row_slot, row_prompt_len), and agree with the model;
+  - the row arrays that prepare_step repeats per token (slot, positions window) agree with the model;
   - rows with the same steering share one slot, different steerings never do, refcounts count rows;
   - used and free slots partition 1..max_rows with no duplicates;
   - every used slot's contents equal a freshly written slot of its steering (no stale edits on reuse);
-  - the per-layer flags (layer_live, edits_in_use, topk_live, observed_layers) follow the live slots;
+  - the per-layer flags (layer_live, topk_live, observed_layers) and each slot's live edit counts follow the
+    live slots;
 and after every row is removed, nothing leaks (all slots free, every row unsteered)."""
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def _pool() -> list[Steering]:
 POOL = _pool()
 OBSERVE = [None, {"telemetry": {"sae": "relu", "top_k": 3, "id": "t1"}},
            {"capture": {"id": "c1", "layers": [2], "positions": "last"}}]
-SLOT_TENSORS = ("edit_feature", "edit_mul", "edit_add", "gate_feature", "gate_above", "vector")
+SLOT_TENSORS = ("slot_edits", "edit_feature", "edit_mul", "edit_add", "gate_feature", "gate_above", "vector")
+WINDOW_END = 2 ** 31 - 1
 
 
 def new_table() -> SteeringTable:
@@ -96,11 +98,15 @@ def to_update(removed, added, moved):
 
 
 def check(table: SteeringTable, model: list) -> None:
-    # device tensors == host mirrors
+    # the row arrays == the bookkeeping; each row's positions window follows its steering's mode
     rows = table.rows
-    assert table.row_slot.tolist() == rows.row_slot
-    assert table.row_prompt_len.tolist() == [data[0] if data else 0 for data in rows.row_data]
+    assert table._row_window[:, 0].tolist() == rows.row_slot
     assert rows.row_slot[table.pad_row] == 0, "the pad row is never steered"
+    for row, value in enumerate(model):
+        if value is not None and value[0] is not None:
+            plen = value[1]
+            want = {"all": (0, WINDOW_END), "prompt": (0, plen), "generated": (plen, WINDOW_END)}[POOL[value[0]].positions]
+            assert tuple(table._row_window[row, 1:]) == want, f"row {row}: window"
     # host mirrors == the model
     by_fp: dict[str, set[int]] = {}
     for row, value in enumerate(model):
@@ -133,7 +139,10 @@ def check(table: SteeringTable, model: list) -> None:
     for li, layer in enumerate(LAYERS):
         infos = [FRESH[s.fingerprint()][1] for s in live]
         assert table.layer_live[li] == any(li in i.touched for i in infos)
-        assert table.edits_in_use[li] == max((i.edits.get(li, 0) for i in infos), default=0)
+        for s in live:  # live edits per slot: -1 where the slot touches nothing at the layer
+            info = FRESH[s.fingerprint()][1]
+            want = info.edits.get(li, 0) if li in info.touched else -1
+            assert int(table.slot_edits[li, rows._slot_of[s.fingerprint()]]) == want
         topk = {name for name, *_ in table.dictionaries[li].topk}
         assert table.topk_live[li] == {iv.sae for s in live for iv in s.interventions
                                        if isinstance(iv, SaeIntervention) and iv.sae in topk}
@@ -161,7 +170,7 @@ def test_table_bookkeeping_follows_a_model_of_the_batch(data, steps):
     check(table, model)
     assert not table.rows.live and not table.rows._slot_of and len(table.rows._free) == ROWS
     assert not any(table.layer_live) and not table.observed_layers
-    assert table.row_slot.abs().sum() == 0
+    assert not table._row_window[:, 0].any()
 
 
 def test_slot_reuse_overwrites_every_field():

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_steer.kernels.sparse_steer import activation, topk_lookup
+from sae_steer.kernels.sparse_steer import WINDOW_END, activation, topk_lookup
 from sae_steer.tiny_model import random_sae
 from sae_steer.vllm_plugin.table import LayerDictionary
 
@@ -40,7 +40,10 @@ def dictionary(d: int, widths=(24, 20, 16, 40), seed: int = 0) -> tuple[LayerDic
 class Case:
     hidden: torch.Tensor  # [T, d] in the case's dtype
     residual: torch.Tensor
-    token_slot: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T] int64
+    tokens: torch.Tensor  # [T, 3] int32: slot, window start, window end
+    slot_edits: torch.Tensor  # [S] int32: live edits per slot (-1: idle at the layer)
+    token_slot: torch.Tensor  # [T]: the slot where the token is steered, else 0 (what the kernels derive)
     edit_feature: torch.Tensor  # [S, E], strided like a slice of the table's [L, S, max_edits] tensors
     edit_mul: torch.Tensor
     edit_add: torch.Tensor
@@ -50,53 +53,65 @@ class Case:
     dic: LayerDictionary
 
     def args(self, device=DEVICE) -> tuple:
-        """The positional arguments of sparse_steer / full_steer, on `device`."""
+        """The positional arguments of sparse_steer, on `device`."""
         D = self.dic
-        tensors = (self.hidden, self.residual, self.token_slot, self.edit_feature, self.edit_mul, self.edit_add,
-                   self.gate_feature, self.gate_above, self.vector, D.enc, D.dec, D.gate_bias, D.threshold,
-                   D.mag_scale, D.mag_bias)
+        tensors = (self.hidden, self.residual, self.positions, self.tokens, self.slot_edits, self.edit_feature,
+                   self.edit_mul, self.edit_add, self.gate_feature, self.gate_above, self.vector, D.enc, D.dec,
+                   D.gate_bias, D.threshold, D.mag_scale, D.mag_bias)
         return tuple(t.to(device) for t in tensors)
 
 
-def random_case(dic: LayerDictionary, T: int, E: int, dtype=torch.float32, n_slots: int = 5, seed: int = 0,
+def random_case(dic: LayerDictionary, T: int, E: int, dtype=torch.float32, n_slots: int = 6, seed: int = 0,
                 features: tuple[int, int] | None = None) -> Case:
-    """T tokens over n_slots slots (slot 0 = unsteered, about one token in four); each slot has 0..E real
-    edits (the rest null padding), a third of them gated by `when`, and half the slots a vector.
-    `features` = (lo, hi) draws edited and gating features from that range only."""
+    """T tokens over n_slots slots (slot 0 = unsteered, about one token in four); each slot has 0..E live
+    edits, a third of them gated by `when`, and half the slots a vector. Past each slot's live edits the
+    tables hold real features (not padding): the kernels must stop at the count. The last slot is idle at
+    this layer (slot_edits -1). Each token has a positions window (all, prompt or generated) that excludes
+    some. `features` = (lo, hi) draws edited and gating features from that range only."""
     g = torch.Generator().manual_seed(seed)
     d, null = dic.enc.shape[1], dic.null
     lo, hi = features or (0, null)
-    full = lambda value, dt: torch.full((2, n_slots, E + 3), value, dtype=dt)  # noqa: E731  [L, S, max_edits]
-    ef, gf = full(null, torch.int64), full(null, torch.int64)
-    em, ea, ga = full(0.0, torch.float32), full(0.0, torch.float32), full(float("-inf"), torch.float32)
+    W = E + 3  # [L, S, max_edits]: the kernels get [:, :E] views
+    ef, gf = torch.randint(lo, hi, (2, n_slots, W), generator=g), torch.full((2, n_slots, W), null)
+    em, ea = torch.rand(2, n_slots, W, generator=g) * 2.5 - 1.5, torch.randn(2, n_slots, W, generator=g) * 2
+    ga = torch.full((2, n_slots, W), float("-inf"))
+    slot_edits = torch.full((n_slots,), -1, dtype=torch.int32)
     vector = torch.zeros(n_slots, d)
-    for s in range(1, n_slots):
+    for s in range(1, n_slots - 1):
         n = int(torch.randint(0, E + 1, (1,), generator=g)) if s > 1 else E  # slot 1 always uses all E
-        ef[1, s, :n] = torch.randint(lo, hi, (n,), generator=g)
-        em[1, s, :n] = torch.rand(n, generator=g) * 2.5 - 1.5  # a - 1 for a in [-0.5, 2): scale, clamp, ablate
-        ea[1, s, :n] = torch.randn(n, generator=g) * 2
+        slot_edits[s] = n
         gated = torch.rand(n, generator=g) < 1 / 3
         gf[1, s, :n][gated] = torch.randint(lo, hi, (int(gated.sum()),), generator=g)
         ga[1, s, :n][gated] = torch.rand(int(gated.sum()), generator=g) * 0.5
         if s % 2:
             vector[s] = torch.randn(d, generator=g) * 0.5
+    vector[n_slots - 1] = 1.0  # idle at the layer: never added
     slot = torch.randint(1, n_slots, (T,), generator=g)
     slot[torch.rand(T, generator=g) < 0.25] = 0
+    positions = torch.randint(0, 30, (T,), generator=g)
+    prompt_len = torch.randint(0, 30, (T,), generator=g)
+    mode = torch.randint(0, 4, (T,), generator=g)  # all (twice as likely), prompt, generated
+    start = torch.where(mode == 3, prompt_len, 0)
+    end = torch.where(mode == 2, prompt_len, WINDOW_END)
+    tokens = torch.stack([slot, start, end], 1).to(torch.int32)
+    inside = (positions >= start) & (positions < end) & (slot_edits[slot] >= 0)
     return Case(hidden=torch.randn(T, d, generator=g).to(dtype), residual=torch.randn(T, d, generator=g).to(dtype),
-                token_slot=slot, edit_feature=ef[1, :, :E], edit_mul=em[1, :, :E], edit_add=ea[1, :, :E],
-                gate_feature=gf[1, :, :E], gate_above=ga[1, :, :E], vector=vector, dic=dic)
+                positions=positions, tokens=tokens, slot_edits=slot_edits, token_slot=torch.where(inside, slot, 0),
+                edit_feature=ef[1, :, :E], edit_mul=em[1, :, :E], edit_add=ea[1, :, :E], gate_feature=gf[1, :, :E],
+                gate_above=ga[1, :, :E], vector=vector, dic=dic)
 
 
-def decisive_tokens(case: Case, segment=None) -> torch.Tensor:
-    """bool [T]: tokens with every threshold, `when` gate (and TopK membership, via `segment` computed in
-    float64 by the caller) farther than MARGIN from its boundary."""
+def decisive_tokens(case: Case, topk=None) -> torch.Tensor:
+    """bool [T]: tokens with every threshold, `when` gate (and TopK membership, via `topk` computed in
+    float64 by the caller) of their live edits farther than MARGIN from its boundary."""
     D, slot, E = case.dic, case.token_slot, case.edit_feature.shape[1]
     x = case.hidden.double() + case.residual.double()
-    feats = torch.cat([case.edit_feature[slot], case.gate_feature[slot]], 1)  # [T, 2E]
+    live = torch.arange(E) < case.slot_edits[slot].clamp(min=0)[:, None]
+    feats = torch.cat([torch.where(live, case.edit_feature[slot], D.null), torch.where(live, case.gate_feature[slot], D.null)], 1)
     dot = torch.einsum("td,tnd->tn", x, D.enc.double()[feats])
     near_jump = ((dot + D.gate_bias.double()[feats] - D.threshold.double()[feats]).abs() < MARGIN) & (feats != D.null)
     f = activation(dot, feats, *(p.double() for p in (D.gate_bias, D.threshold, D.mag_scale, D.mag_bias)))
-    if segment is not None:
-        f = topk_lookup(f, feats, segment)
+    if topk is not None:
+        f = topk_lookup(f, feats, topk)
     near_when = (f[:, E:] - case.gate_above[slot].double()).abs() < MARGIN
     return ~(near_jump.any(1) | near_when.any(1))

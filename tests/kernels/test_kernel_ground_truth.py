@@ -1,8 +1,9 @@
 """The kernels' torch references == the per-request ground truth `sae_steer.edits.steer_residual`.
 
 A batch of requests (every edit mode, `when` gates, registered and inline vectors, the three position
-modes, an unsteered request) is written into slot tables as SteeringTable writes them, with the
-caller's position rule applied by setting excluded tokens to slot 0. The kernels are tested against
+modes, an unsteered request) is written into slot tables as SteeringTable writes them, with each token's
+positions window as the table's per-step map writes it (the position rule written out here). TopK
+membership comes from a full encode of the TopK SAE (its k-th value per token). The kernels are tested against
 these references in test_sparse_steer.py / test_full_steer.py; this closes the chain to the ground truth.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 from kernel_cases import TOPK_K, dictionary
 from sae_steer.edits import position_mask, steer_residual
-from sae_steer.kernels.full_steer import full_steer_reference
+from sae_steer.kernels.full_steer import encode_reference
 from sae_steer.kernels.sparse_steer import sparse_steer_reference
 from sae_steer.spec import SaeIntervention, Steering
 
@@ -36,8 +37,10 @@ REQUESTS = [
 
 
 def slot_tables(dic, steerings, vectors):
-    """Slot s + 1 holds steerings[s]; slot 0 stays empty (the layout of SteeringTable._write_slot)."""
+    """Slot s + 1 holds steerings[s]; slot 0 stays empty (the layout of SteeringTable._write_slot).
+    -> (slot_edits, edit_feature, edit_mul, edit_add, gate_feature, gate_above, vector)."""
     S = len(steerings) + 1
+    slot_edits = torch.full((S,), -1, dtype=torch.int32)
     ef, gf = torch.full((S, E), dic.null), torch.full((S, E), dic.null)
     em, ea, ga = torch.zeros(S, E), torch.zeros(S, E), torch.full((S, E), float("-inf"))
     vector = torch.zeros(S, D_MODEL)
@@ -50,11 +53,13 @@ def slot_tables(dic, steerings, vectors):
                 if iv.when is not None:
                     gf[s, e], ga[s, e] = dic.offset[iv.sae] + iv.when.feature, iv.when.above
                 e += 1
+                slot_edits[s] = e
             elif iv.values is not None:
                 vector[s] += iv.coef * torch.tensor(iv.values)
             else:
                 vector[s] += iv.coef * vectors[iv.vector][LAYER]
-    return ef, em, ea, gf, ga, vector
+        slot_edits[s] = max(int(slot_edits[s]), 0)  # every request here touches the layer
+    return slot_edits, ef, em, ea, gf, ga, vector
 
 
 def test_references_equal_per_request_steer_residual():
@@ -67,16 +72,29 @@ def test_references_equal_per_request_steer_residual():
     positions = torch.cat([torch.arange(n) + 1 for n in lens])  # positions 1..n straddle prompt_len
     request = torch.cat([torch.full((n,), r) for r, n in enumerate(lens)])
     hidden, residual = torch.randn(sum(lens), D_MODEL, generator=g), torch.randn(sum(lens), D_MODEL, generator=g)
-    # the caller's rule: slot 0 where the request has no steering or its positions exclude the token
+    # the table's per-step map: each token's slot and the window of positions its request steers
     slot = torch.zeros_like(request)
+    start, end = torch.zeros_like(request), torch.full_like(request, 2 ** 31 - 1)
     for r, steering in enumerate(steerings):
         rows = request == r
-        slot[rows] = torch.where(position_mask(positions[rows], prompt_len, steering.positions), r + 1, 0)
-    args = (hidden, residual, slot, *slot_tables(dic, steerings, vectors), dic.enc, dic.dec, dic.gate_bias,
+        slot[rows] = r + 1
+        if steering.positions == "prompt":
+            end[rows] = prompt_len
+        elif steering.positions == "generated":
+            start[rows] = prompt_len
+    tokens = torch.stack([slot, start, end], 1).to(torch.int32)
+    for r, steering in enumerate(steerings):  # the window is the position rule, written out independently
+        rows = request == r
+        inside = (positions[rows] >= start[rows]) & (positions[rows] < end[rows])
+        assert torch.equal(inside, position_mask(positions[rows], prompt_len, steering.positions))
+    slot_edits, *tables = slot_tables(dic, steerings, vectors)
+    args = (hidden, residual, positions, tokens, slot_edits, *tables, dic.enc, dic.dec, dic.gate_bias,
             dic.threshold, dic.mag_scale, dic.mag_bias)
     lo, hi = dic.offset["topk"], dic.offset["topk"] + saes["topk"].d_sae
     sparse = sparse_steer_reference(*args)
-    full, _, _ = full_steer_reference(*args, lo=lo, hi=hi, k=TOPK_K)
+    acts = encode_reference(hidden, residual, dic.enc, dic.gate_bias, dic.threshold, dic.mag_scale, dic.mag_bias,
+                            dic.topk_lo, dic.null)
+    full = sparse_steer_reference(*args, (acts, torch.tensor([[lo, hi, TOPK_K]]), dic.topk_lo))
 
     for r in range(len(lens)):
         rows = request == r

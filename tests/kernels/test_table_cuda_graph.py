@@ -4,7 +4,10 @@ slot map, TopK encodes, the fused kernel) captured in CUDA graphs, as vLLM captu
 then replayed across a batch history: requests added, removed, moved and swapped through update(), new
 prepare_step bounds and padding tokens. Every replay must equal an eager run of the same table on the
 same inputs, bit for bit, and the per-request reference `sae_steer.edits.steer_residual`. Both kinds of
-block: those that pass (hidden, residual), and those that return the whole stream (residual None)."""
+block: those that pass (hidden, residual), and those that return the whole stream (residual None); SAE
+weights in fp32 and in the serving dtype (bf16: replay == eager, the reference is checked in fp32 only).
+The graphs are captured while nothing is steered: idle layers are one copying launch and an encode that
+exits, and the replays must still steer everything later steps ask for."""
 from __future__ import annotations
 
 import random
@@ -26,13 +29,14 @@ CAPTURED_SIZES = (16, MAX_TOKENS)  # a step of n tokens replays the smallest siz
 ATOL, RTOL = 1e-4, 1e-4  # fp32 on the GPU against the fp32 CPU reference, different summation orders
 
 
-@pytest.mark.parametrize("full_stream", [False, True])
-def test_captured_steering_follows_table_updates(full_stream):
+@pytest.mark.parametrize("full_stream,weights", [(False, torch.float32), (True, torch.float32),
+                                                  (False, torch.bfloat16)])
+def test_captured_steering_follows_table_updates(full_stream, weights):
     cpu = registry()  # relu + gated at layer 1, jumprelu + two TopK SAEs at layer 2, vectors at 0 and 2
     reg = Registry(saes={n: s.to(device=DEVICE) for n, s in cpu.saes.items()},
                    vectors={n: {L: v.to(DEVICE) for L, v in per.items()} for n, per in cpu.vectors.items()})
     table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=8, d_model=D,
-                          device=DEVICE, graph_safe=True)
+                          device=DEVICE, graph_safe=True, weight_dtype=weights)
     assert table.fused
     # fixed-address inputs per captured size, as vLLM keeps them, and the runner's positions buffer (the op
     # reads its first T entries); captured while nothing is steered
@@ -83,10 +87,12 @@ def test_captured_steering_follows_table_updates(full_stream):
                 if steering is None:
                     assert torch.equal(got[seg], hidden[seg])
                     continue
+                steered += int(not torch.equal(got[seg], hidden[seg]))
+                if weights != torch.float32:
+                    continue
                 x = hidden[seg] + residual[seg]
                 want = steer_residual(x, positions[seg], prompt_len, layer, steering, cpu.saes, cpu.vectors)
                 torch.testing.assert_close(got[seg], want - residual[seg], atol=ATOL, rtol=RTOL)
-                steered += int(not torch.equal(got[seg], hidden[seg]))
     assert steered >= 20, "the history should steer many rows"
     steering_op.set_table(None)
     steering_op._runner = None

@@ -153,23 +153,24 @@ def test_the_table_holds_each_sae_once():
 
 
 def test_the_profiling_run_takes_the_widest_path(monkeypatch):
-    """With no request in the batch, the worst-case flag still encodes every TopK SAE full-width (what vLLM's
-    memory profiling must see), and steers nothing."""
+    """With no request in the batch, the worst-case flag still allocates every TopK SAE's activations for every
+    token (what vLLM's memory profiling must see), and steers nothing."""
     import sae_steer.vllm_plugin.table as table_module
     encoded = []
-    real = table_module.topk_segment
-    monkeypatch.setattr(table_module, "topk_segment", lambda *a, **k: encoded.append(a[0].shape) or real(*a, **k))
+    real = table_module.ops.encode_rows
+    monkeypatch.setattr(table_module.ops, "encode_rows", lambda *a: encoded.append(real(*a).shape) or real(*a))
     table = SteeringTable(registry(), LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=4, d_model=D,
                           device=torch.device("cpu"))
     hidden, residual, positions = torch.randn(MAX_TOKENS, D), torch.randn(MAX_TOKENS, D), torch.arange(MAX_TOKENS)
     assert torch.equal(table.apply(2, hidden, residual, positions), hidden) and not encoded  # nothing live: skipped
     table.worst_case = True
     assert torch.equal(table.apply(2, hidden, residual, positions), hidden)
-    assert encoded == [hidden.shape], "the TopK SAEs of layer 2 were encoded over every token"
+    width = sum(sae.d_sae for sae in table.registry.saes.values() if sae.layer == 2 and sae.architecture == "topk")
+    assert encoded == [(MAX_TOKENS, width)], "the TopK SAEs of layer 2 got activations for every token"
 
 
 def test_steps_that_steer_nothing_leave_the_token_map_and_the_next_steered_step_is_exact():
-    """Eager, a step with no live steering does not write the token -> row map; the first steered step after
+    """Eager, a step with no live steering does not write the token map; the first steered step after
     such steps (other rows, other chunk sizes) writes it again before it is read."""
     reg = registry()
     table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=8, d_model=D,
@@ -177,10 +178,10 @@ def test_steps_that_steer_nothing_leave_the_token_map_and_the_next_steered_step_
     steering = Steering.model_validate({"interventions": [{"type": "vector", "vector": "v", "coef": 2.0}]})
     table.update([(0, steering, 3), (1, None, 5)], [], [])
     table.prepare_step(torch.tensor([0, 3, 8]))
-    written = table.token_row.clone()
+    written = table.step.clone()
     table.update([], [0], [(1, 0, False)])  # the steered request leaves; the other moves to row 0
     table.prepare_step(torch.tensor([0, 1]))
-    assert not any(table.layer_live) and torch.equal(table.token_row, written), "nothing steered: map not written"
+    assert not any(table.layer_live) and torch.equal(table.step, written), "nothing steered: map not written"
     hidden = torch.randn(1, D)
     assert torch.equal(table.apply(0, hidden, torch.zeros(1, D), torch.tensor([5])), hidden)
     table.update([(1, steering, 2)], [], [])  # row 0 unsteered (1 decode token), row 1 steered (prefill of 2)

@@ -21,7 +21,7 @@ import logging
 logger = logging.getLogger("vllm.sae_steer")
 
 # The speculative methods with a test that steered tokens equal the reference (tests/engine/test_engine_options.py).
-SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle")
 
 
 def refuse_unsupported(config) -> None:

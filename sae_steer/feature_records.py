@@ -18,9 +18,11 @@ One JSON object per line, in feature order:
                  l = W_U (g * W_dec[i]), e = l / max|l|, so a `logit` intervention of strength s adds
                  s * e to that token's logit.
 
-Labels are heuristic: the two most common words among the tokens where the feature fired most,
-then the two highest logit-lens tokens that are words. They summarize, they do not explain; a
-human or model-written explanation (a Neuronpedia-style label file, `features.load_labels`) is better.
+Labels are heuristic: the two most common words where the feature fired most (the whole word around the
+token it fired on: subword pieces merged, word_at), then the two highest logit-lens tokens that begin a word
+(a leading space and letters only: continuation pieces such as "ing", punctuation and whitespace left out,
+promoted_words). They summarize, they do not explain; a human or model-written explanation (a
+Neuronpedia-style label file, `features.load_labels`) is better. Search matches the same whole words.
 """
 from __future__ import annotations
 
@@ -131,15 +133,55 @@ def _logit_lens_tokens(sae: SparseAutoencoder, head: LogitHead, k: int, piece, b
     return out
 
 
+def _piece(token: str) -> str:
+    """A decoded token piece; byte-level BPE symbols (GPT-2's Ġ for a space, Ċ for a newline) read as
+    what they stand for, in case a tokenizer's decode left them."""
+    return token.replace("\u0120", " ").replace("\u010a", "\n")
+
+
+def _continues_word(piece: str) -> bool:
+    """A piece that carries on the word before it: starts with a letter, a digit or an apostrophe (no space)."""
+    return bool(piece) and (piece[0].isalnum() or piece[0] == "'")
+
+
+def word_at(tokens: list[str], at: int) -> str:
+    """The whole word around tokens[at], subword pieces merged (["The", " sn", "ow", "man", " fell"], 2 -> "snowman");
+    "" when the token holds no letters or digits (punctuation, whitespace)."""
+    pieces = [_piece(t) for t in tokens]
+    if not words(pieces[at]):
+        return ""
+    lo = at
+    while lo > 0 and _continues_word(pieces[lo]) and words(pieces[lo - 1]) and pieces[lo - 1][-1].isalnum():
+        lo -= 1
+    hi = at
+    while hi + 1 < len(pieces) and _continues_word(pieces[hi + 1]) and pieces[hi][-1:].isalnum():
+        hi += 1
+    found = words("".join(pieces[lo:hi + 1]))
+    # the merged span may hold several words when the fired piece sits between punctuation-joined ones
+    # ("cold-" "ness"): keep the one the fired token is part of
+    inside = words(pieces[at])
+    return next((w for w in found if inside[0] in w), found[0]) if found else ""
+
+
+def promoted_words(lens_top: list, k: int = 2) -> list[str]:
+    """The first k distinct words among logit-lens tokens that begin a word (a leading space, then letters
+    only, at least two): continuation pieces, punctuation, digits and whitespace tokens are left out."""
+    out: list[str] = []
+    for token, _ in lens_top:
+        piece = _piece(token)
+        body = piece.strip()
+        if piece[:1].isspace() and len(body) >= 2 and body.isalpha() and body.lower() not in out:
+            out.append(body.lower())
+            if len(out) == k:
+                break
+    return out
+
+
 def auto_label(record: dict) -> str:
-    """Heuristic: the two most common words where the feature fired most, then its two top logit-lens words."""
-    fired = collections.Counter(w for c in record["contexts"] for w in words(c["tokens"][c["at"]]))
+    """Heuristic: the two most common words where the feature fired most, then its two top promoted words."""
+    fired = collections.Counter(w for c in record["contexts"] if (w := word_at(c["tokens"], c["at"])))
     reads = [w for w, _ in fired.most_common(2)]
-    writes = []
-    for token, _ in record["logit_lens"]["top"]:
-        for w in words(token):
-            if w not in writes and len(writes) < 2:
-                writes.append(w)
+    writes = promoted_words(record["logit_lens"]["top"])
     if not reads and not writes:
         return "(no word tokens)"
     return f"{', '.join(reads) or '?'} -> {', '.join(writes) or '?'}"
@@ -182,8 +224,8 @@ class FeatureRecords:
 
     def search(self, word: str, limit: int = 10) -> list[dict]:
         """Features whose records mention `word` (case-insensitive, whole words), best first:
-        score = 3 per top context firing on the word + 1 per top context containing it elsewhere
-        + 2 per top logit-lens token that is the word. -> [{"index", "label", "score"}]."""
+        score = 3 per top context firing on the word (word_at: subword pieces merged) + 1 per top context
+        containing it elsewhere + 2 when a top logit-lens token is the word (one that begins a word). -> [{"index", "label", "score"}]."""
         target = words(word)
         if len(target) != 1:
             raise ValueError(f"search for one word, got {word!r}")
@@ -192,11 +234,11 @@ class FeatureRecords:
         for r in self.records:
             score = 0
             for c in r["contexts"]:
-                if target in words(c["tokens"][c["at"]]):
+                if word_at(c["tokens"], c["at"]) == target:
                     score += 3
-                elif target in words("".join(c["tokens"])):
+                elif target in words("".join(_piece(t) for t in c["tokens"])):
                     score += 1
-            score += 2 * sum(target in words(token) for token, _ in r["logit_lens"]["top"])
+            score += 2 * (target in promoted_words(r["logit_lens"]["top"], k=len(r["logit_lens"]["top"])))
             if score:
                 hits.append({"index": r["index"], "label": r["label"], "score": score})
         hits.sort(key=lambda h: (-h["score"], h["index"]))

@@ -49,10 +49,11 @@ def test_records_know_their_contexts_logit_lens_labels_and_search(model, tmp_pat
     tokens[tokens == tok_a] = 6
     docs = torch.arange(N) // 50  # documents of 50 tokens
     x = -torch.rand(N, D, generator=g)  # every feature off ...
-    planted = {100: 5.0, 37: 4.0, 250: 3.0, 399: 2.0}  # ... except feature 3 at these positions
+    planted = {100: 5.0, 37: 4.0, 250: 3.0, 398: 2.0}  # ... except feature 3 at these positions
+    space = tokenizer.encode(" and", add_special_tokens=False)[0]  # a word of its own: w_a is not merged on
     for p, a in planted.items():
         x[p, 3] = a
-        tokens[p] = tok_a
+        tokens[p], tokens[p + 1] = tok_a, space
     x[200, 9] = 1.5  # feature 9 fires once, at the first token of a document
 
     records = build_feature_records(sae, [x[:123], x[123:]], tokens, tokenizer, head_of_hf(hf, family_of(["LlamaForCausalLM"])),

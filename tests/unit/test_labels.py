@@ -1,0 +1,49 @@
+"""Feature labels a person can read: whole words where a feature fired (subword pieces merged), promoted words that
+begin a word (no continuation pieces, punctuation, whitespace or byte-level BPE symbols)."""
+from sae_steer.feature_records import FeatureRecords, auto_label, promoted_words, word_at
+
+
+def test_word_at_merges_subword_pieces_around_the_fired_token():
+    tokens = ["The", " sn", "ow", "man", " fell", ".", " It", " was", " cold", "ness", "!"]
+    assert word_at(tokens, 1) == "snowman"  # fired on the first piece
+    assert word_at(tokens, 2) == "snowman"  # ... a middle one
+    assert word_at(tokens, 3) == "snowman"  # ... the last one
+    assert word_at(tokens, 4) == "fell"  # a word of one piece, not merged with its neighbours
+    assert word_at(tokens, 8) == "coldness"
+    assert word_at(tokens, 5) == "" and word_at(tokens, 10) == ""  # punctuation: no word
+    assert word_at(["\n\n"], 0) == ""  # whitespace
+    assert word_at(["Ġwin", "ter"], 1) == "winter"  # a byte-level BPE symbol left in by a decoder
+    assert word_at([" don", "'t", " go"], 0) == "don't"
+
+
+def test_promoted_words_keep_only_tokens_that_begin_a_word():
+    top = [["ing", 1.0], [" ,", 0.9], ["\n", 0.8], [" Snow", 0.7], [" 1990", 0.6], [" snow", 0.5], ["ĠWinter", 0.4],
+           [" a", 0.3], [" ice", 0.2]]
+    assert promoted_words(top) == ["snow", "winter"]  # "ing", punctuation, newline, digits, duplicates left out
+    assert promoted_words(top, k=5) == ["snow", "winter", "ice"]  # " a": one letter
+    assert promoted_words([["ing", 1.0], ["ed", 0.5]]) == []
+
+
+def _record(contexts, top):
+    return {"index": 0, "contexts": [{"activation": 1.0, "tokens": t, "at": at} for t, at in contexts],
+            "logit_lens": {"top": [[t, 1.0] for t in top], "bottom": []}, "frequency": 0.1, "max_activation": 1.0}
+
+
+def test_auto_label_reads_whole_words_and_promoted_words():
+    record = _record([([" a", " sn", "owy", " day"], 2), ([" the", " snow", "."], 1), ([" fresh", " snow"], 1),
+                      ([" cold", ","], 1)], ["ing", " flakes", "ĠWinter", " flakes"])
+    assert auto_label(record) == "snow, snowy -> flakes, winter"
+    assert auto_label(_record([([".", ","], 0)], ["ing", "!"])) == "(no word tokens)"
+    assert auto_label(_record([], [" ice"])) == "? -> ice"
+
+
+def test_search_matches_a_word_split_into_pieces():
+    book = FeatureRecords([
+        _record([([" a", " sn", "ow", "y", " day"], 3), ([" sn", "ow"], 1)], [" flakes"]),
+        {**_record([([" the", " snow", " fell"], 2)], [" snow"]), "index": 1}])
+    for r in book.records:
+        r["label"] = auto_label(r)
+    hits = book.search("snowy")
+    assert hits == [{"index": 0, "label": book.records[0]["label"], "score": 3}]
+    snow = {h["index"]: h["score"] for h in book.search("snow")}
+    assert snow == {0: 3, 1: 1 + 2}  # 0: fired on "snow" once ("snowy" is another word); 1: in a context + promoted

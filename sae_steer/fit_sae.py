@@ -325,20 +325,23 @@ def _reusable_capture(work: Path, model: str, layer: int, n_texts: int, max_toke
 
 def default_out_dir(model: str, layer: int, features: int) -> Path:
     """$XDG_CACHE_HOME/sae-steer/saes/<model>-L<layer>-<features> (fitted SAEs stay out of the repository)."""
-    from sae_steer.smollm2 import NAME, cache_dir
-    name = NAME if model.lower() in ("smollm2", NAME.lower()) else Path(model).name
+    from sae_steer.models import cache_dir, known
+    entry = known(model)
+    name = entry.folder if entry else Path(model).name
     return cache_dir().parent / "saes" / f"{name}-L{layer}-{features}"
 
 
 def fit_sae(model: str, layer: int, out_dir: str | Path, *, tokens: int = 300_000, cfg: FitConfig | None = None,
             max_tokens_per_text: int = 256, eval_texts: int = 32, work_dir: str | Path | None = None,
-            texts: tuple[list[str], list[str]] | None = None, dtype: str = "bfloat16", enforce_eager: bool = True,
+            texts: tuple[list[str], list[str]] | None = None, dtype: str | None = None, enforce_eager: bool = True,
             progress: bool = True) -> dict:
-    """Capture, train, evaluate, write. Returns the metrics (also written to out_dir/metrics.json)."""
+    """Capture, train, evaluate, write. Returns the metrics (also written to out_dir/metrics.json). `dtype`: the
+    capture engine's (default: this machine's, sae_steer.machine_dtype)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from sae_steer.capture import capture_activations, load_activations, load_field
-    from sae_steer.smollm2 import resolve_model
+    from sae_steer.machine_dtype import pick_dtype
+    from sae_steer.models import resolve_model
 
     cfg = cfg or FitConfig()
     t0 = time.monotonic()
@@ -364,8 +367,9 @@ def fit_sae(model: str, layer: int, out_dir: str | Path, *, tokens: int = 300_00
         _say(f"reusing the capture in {work} ({manifest['n_tokens']} positions)")
     else:
         from vllm import LLM
-        llm = LLM(model=model, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_tokens_per_text + 8,
-                  seed=0, enable_prefix_caching=False, additional_config={"sae_steer": {"layers": [layer]}})
+        llm = LLM(model=model, dtype=pick_dtype(dtype), enforce_eager=enforce_eager,
+                  max_model_len=max_tokens_per_text + 8, seed=0, enable_prefix_caching=False,
+                  additional_config={"sae_steer": {"layers": [layer]}})
         try:
             manifest = capture_activations(llm, chosen, [layer], work, max_tokens_per_text=max_tokens_per_text,
                                            progress=progress)

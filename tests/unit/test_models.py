@@ -1,9 +1,10 @@
-"""The SmolLM2 conversion (sae_steer.smollm2.convert_gguf) on a tiny llama written to GGUF by this test.
+"""The GGUF conversion (sae_steer.models.convert_gguf) on a tiny llama written to GGUF by this test, and the
+table of known models.
 
 The GGUF is written the way llama.cpp's convert_hf_to_gguf.py writes a llama: its tensor names, its
 q/k row permutation (rotary halves interleaved), float32 tensors, and a byte-level BPE vocabulary with
-merges. The conversion must give back the source weights (in bf16) and a model that computes the same
-logits as the source model in bf16.
+merges. The conversion must give back the source weights (in float32, exactly) and a model that computes
+the same logits as the source model.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 
-from sae_steer.smollm2 import MARKER, convert_gguf  # noqa: E402
+from sae_steer.models import KNOWN, MARKER, convert_gguf, known, model_name  # noqa: E402
 from sae_steer.tiny_model import build_tiny_llama  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = 128, 2, 4, 2, 256
@@ -92,7 +93,7 @@ def converted(tmp_path_factory):
     return model_dir, weights, out
 
 
-def test_converted_weights_equal_the_source_in_bf16(converted):
+def test_converted_weights_equal_the_source_in_float32(converted):
     from safetensors.torch import load_file
     _, source, out = converted
     got = {}
@@ -100,8 +101,8 @@ def test_converted_weights_equal_the_source_in_bf16(converted):
         got.update(load_file(str(f)))
     assert set(got) == set(source), sorted(set(got) ^ set(source))
     for name, t in source.items():
-        assert got[name].dtype == torch.bfloat16, name
-        assert torch.equal(got[name], t.to(torch.bfloat16)), name
+        assert got[name].dtype == torch.float32, name
+        assert torch.equal(got[name], t.float()), name
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_key_value_heads"]) == (LAYERS, HIDDEN, KV_HEADS)
@@ -114,9 +115,9 @@ def test_converted_model_loads_and_computes_the_source_logits(converted):
     ids_src = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
     ids_out = AutoTokenizer.from_pretrained(out)(text)["input_ids"]
     assert ids_out == ids_src
-    src = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    src = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dst = AutoModelForCausalLM.from_pretrained(out)
-    assert dst.dtype == torch.bfloat16
+    assert dst.dtype == torch.float32
     x = torch.tensor([ids_src])
     with torch.no_grad():
         assert torch.equal(dst(x).logits, src(x).logits)
@@ -134,13 +135,20 @@ def test_conversion_is_idempotent(converted):
 @pytest.mark.skipif(not os.environ.get("SAE_STEER_REAL_SMOLLM2"), reason="set SAE_STEER_REAL_SMOLLM2=1 (~1 min)")
 def test_real_smollm2_converts(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from sae_steer import smollm2
+    from sae_steer import models
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    out = smollm2.model_path()
-    assert out == tmp_path / "sae-steer" / "models" / smollm2.NAME and (out / MARKER).is_file()
+    out = models.model_path("smollm2")
+    assert out == tmp_path / "sae-steer" / "models" / "SmolLM2-135M-Instruct" and (out / MARKER).is_file()
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         nxt = model(ids).logits[0, -1].argmax().item()
     assert tok.decode(nxt).strip() == "Paris"
+
+
+def test_known_models_are_named_by_name_or_folder():
+    assert known("smollm2") is KNOWN["smollm2"] and known("SmolLM2-135M-Instruct") is KNOWN["smollm2"]
+    assert known("GEMMA3-270M") is KNOWN["gemma3-270m"] and known("gemma-3-270m") is KNOWN["gemma3-270m"]
+    assert known("/models/some-llama") is None
+    assert (model_name("gemma-3-270m"), model_name("/models/some-llama/")) == ("gemma3-270m", "some-llama")

@@ -34,7 +34,7 @@ async function api(path, { method = "GET", body = undefined, admin = false } = {
   const headers = {};
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (keys.api) headers["Authorization"] = "Bearer " + keys.api;
-  if (admin) headers["X-Steering-Admin-Key"] = keys.admin;
+  if (admin && keys.admin) headers["X-Steering-Admin-Key"] = keys.admin;
   const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const data = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(`${response.status}: ${(data.error && data.error.message) || data.detail && JSON.stringify(data.detail) || response.statusText}`);
@@ -441,6 +441,7 @@ function guarded(fn) {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("api-key").addEventListener("input", () => { keys.api = $("api-key").value; });
+  $("api-key").addEventListener("change", guarded(start));  // with vLLM's --api-key, nothing loads before it
   $("admin-key").addEventListener("input", () => { keys.admin = $("admin-key").value; });
   $("search-go").addEventListener("click", guarded(search));
   $("search").addEventListener("keydown", (e) => { if (e.key === "Enter") guarded(search)(); });
@@ -462,9 +463,11 @@ document.addEventListener("DOMContentLoaded", () => {
     node.addEventListener("input", updateRequest);
     node.addEventListener("change", updateRequest);
   }
-  guarded(async () => {
-    page.model = (await api("v1/models")).data[0].id;
-    await loadLists();
-    say("ready", true);
-  })();
+  guarded(start)();
 });
+
+async function start() {
+  page.model = (await api("v1/models")).data[0].id;
+  await loadLists();
+  say("ready", true);
+}

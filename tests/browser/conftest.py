@@ -21,6 +21,8 @@ D_MODEL, LAYER, D_SAE = 128, 1, 64
 SCRIPT = "<script>window.__pwned=1</script>"
 IMG = '<img src=x onerror="window.__pwned=1">'
 HOSTILE = 6  # the feature whose label, automatic label and top context carry the payloads
+API_KEY = "test-api-key"  # vLLM's --api-key: the page must be given it, as any client is
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def record(i: int) -> dict:
@@ -35,7 +37,7 @@ def record(i: int) -> dict:
 @pytest.fixture(scope="session")
 def playground(artifacts, tmp_path_factory):
     """The server: SAE "tiny-sae" at layer 1 (records, hostile labels, feature 5 calibrated), vector "calm",
-    every layer steerable (the lens reads all four), the admin key of tests/server."""
+    every layer steerable (the lens reads all four), vLLM's --api-key, the admin key of tests/server."""
     tmp = tmp_path_factory.mktemp("playground")
     sae_file = save_sae(random_sae(D_MODEL, D_SAE, LAYER, "relu", seed=31), tmp / "saes" / "tiny-sae")
     sae_file.with_name(f"{sae_file.stem}.features.jsonl").write_text(
@@ -47,7 +49,7 @@ def playground(artifacts, tmp_path_factory):
                          tmp / "vectors" / "calm.safetensors")
     args = [sys.executable, "-m", "sae_steer.cli", "serve", str(artifacts.model), "--dtype", "float32",
             "--max-model-len", "512", "--block-size", "32", "--max-num-seqs", "16", "--seed", "0",
-            "--enforce-eager", "--served-model-name", "tiny", "--steering-admin-key", ADMIN_KEY,
+            "--enforce-eager", "--served-model-name", "tiny", "--api-key", API_KEY, "--steering-admin-key", ADMIN_KEY,
             "--steering-vector-dir", str(tmp / "built"), "--steering-layers", "all",
             "--sae", f"tiny-sae={sae_file}", "--vector", f"calm={vector}",
             "--additional-config", json.dumps({"sae_steer": {"labels": {"tiny-sae": str(labels)}}})]

@@ -6,6 +6,8 @@ import pytest
 import requests
 import torch
 
+from tests.browser.conftest import AUTH
+
 pytestmark = [pytest.mark.engine, pytest.mark.multiprocess]
 PROMPT = "The cold came in winter and the river froze"
 
@@ -31,7 +33,8 @@ def reference(artifacts):
 
 
 def lens(playground, **body):
-    r = requests.post(playground.url + "/v1/steering/lens", json={"prompt": PROMPT, "top_k": 3, **body}, timeout=120)
+    r = requests.post(playground.url + "/v1/steering/lens", json={"prompt": PROMPT, "top_k": 3, **body},
+                      headers=AUTH, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -63,5 +66,5 @@ def test_lens_errors_name_their_field(playground):
               "steering.interventions[0].vector"),
              ({"prompt": "a"}, "prompt")]
     for body, field in cases:
-        r = requests.post(playground.url + "/v1/steering/lens", json=body, timeout=60)
+        r = requests.post(playground.url + "/v1/steering/lens", json=body, headers=AUTH, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (body, r.text)

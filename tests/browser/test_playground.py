@@ -13,7 +13,7 @@ import re
 import pytest
 import requests
 
-from tests.browser.conftest import HOSTILE, IMG, SCRIPT
+from tests.browser.conftest import API_KEY, AUTH, HOSTILE, IMG, SCRIPT
 from tests.server.conftest import ADMIN_KEY
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiprocess]
@@ -23,10 +23,14 @@ seen: dict[str, tuple[str, str]] = {}  # answers one test shows the next
 
 @pytest.fixture(scope="module")
 def page(browser, playground):
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
     browser.get(playground.url + "/steer")
-    WebDriverWait(browser, WAIT).until(lambda d: d.find_element("id", "status").text)  # "ready" or an error
-    assert browser.find_element("id", "status").text == "ready", browser.find_element("id", "status").text
+    status = lambda d: d.find_element("id", "status").text  # noqa: E731
+    WebDriverWait(browser, WAIT).until(status)
+    assert status(browser).startswith("401"), status(browser)  # the server runs with --api-key: nothing loads
+    browser.find_element("id", "api-key").send_keys(API_KEY, Keys.TAB)
+    WebDriverWait(browser, WAIT).until(lambda d: status(d) == "ready")
     return browser
 
 
@@ -188,14 +192,18 @@ def test_logit_lens_grid_steered_and_unsteered(page, screenshots):
     assert not css(page, "table.lens td.changed")
 
 
+def vector_names(playground) -> list[str]:
+    return [v["name"] for v in requests.get(playground.url + "/v1/steering/vectors", headers=AUTH, timeout=30).json()["data"]]
+
+
 def test_build_a_vector_with_the_admin_key(page, playground, screenshots):
     set_value(page, "build-name", "kind")
     set_value(page, "build-layers", "1")
     run(page, "#build-go", "401", "the refusal without the key")
-    assert "kind" not in [v["name"] for v in requests.get(playground.url + "/v1/steering/vectors", timeout=30).json()["data"]]
+    assert "kind" not in vector_names(playground)
     set_value(page, "admin-key", ADMIN_KEY)
     run(page, "#build-go", "vector kind built", "the build")
-    assert "kind" in [v["name"] for v in requests.get(playground.url + "/v1/steering/vectors", timeout=30).json()["data"]]
+    assert "kind" in vector_names(playground)
     request = json.loads(page.find_element("id", "request-json").text)
     assert request["steering"]["interventions"][-1] == {"type": "vector", "vector": "kind", "coef": 4}
     assert page.execute_script("return [localStorage.length, sessionStorage.length, document.cookie]") == [0, 0, ""]

@@ -95,7 +95,7 @@ def publish(table, logit) -> None:
             _publisher = _Publisher(counts(table, logit))
         else:
             _publisher.write(counts(table, logit))
-    except (OSError, observers.RuntimeDirError) as e:
+    except (OSError, observers.RuntimeDirError, AttributeError) as e:  # AttributeError: the tables changed shape
         _disabled = True
         logger.error("sae-steer: slot counts not published for /metrics (%s); steering is unaffected", e)
 

@@ -1,9 +1,15 @@
-"""sae-steer's series on vLLM's own /metrics of a real `sae-steer serve` (the session's server): counters
-move by exactly what the requests sent here did, the slot gauges show what the worker's tables hold while
-streams are open (requests with equal steering share a slot) and drop back when they end, and the info
-series describe the configured SAEs, vectors and layers. Parsed with prometheus_client's text parser."""
+"""sae-steer's series on vLLM's own /metrics of a real `sae-steer serve`: counters move by exactly what the
+requests sent here did, the slot gauges show what the worker's tables hold while streams are open (requests
+with equal steering share a slot) and drop back when they end, and the info series describe the configured
+SAEs, vectors and layers. Parsed with prometheus_client's text parser.
+
+The server is this module's own, with vLLM's dev routes on (VLLM_SERVER_DEV_MODE): the tiny model generates
+hundreds of tokens in a fraction of a second, so the slot test pauses the engine (POST /pause?mode=keep,
+which stops stepping and keeps the requests in the batch) to read the gauges with the streams held in the
+worker, and checks by vLLM's own running count that they were held."""
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -12,11 +18,22 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import ADMIN_KEY
+from tests.server.conftest import ADMIN_KEY, Server, serve_args
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiprocess]
 ADMIN = {"X-Steering-Admin-Key": ADMIN_KEY}
-MODEL = "tiny"  # the fixture's --served-model-name
+MODEL = "tiny"  # serve_args' --served-model-name
+CONTEXT = 2048  # the tiny model's max_position_embeddings
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("metrics-server")
+    args = serve_args(artifacts, tmp / "vectors")
+    args[args.index("--max-model-len") + 1] = str(CONTEXT)  # long streams: the pause lands while they run
+    srv = Server(args, tmp / "server.log", env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})
+    yield srv
+    srv.stop()
 
 
 def scrape(server) -> dict:
@@ -112,14 +129,16 @@ def test_counters_move_by_what_the_requests_did(server):
                for name, labels in after)
 
 
-def open_stream(server, steering) -> requests.Response:
-    """A long streamed completion, read up to its first chunk (so it is running in the engine)."""
+def open_stream(server, steering):
+    """A long streamed completion, read up to its first chunk (so it is running in the engine) -> (the response,
+    its line iterator: dropping the iterator would close the connection, and the server would abort it)."""
     r = requests.post(server.url + "/v1/completions", stream=True, timeout=120, json={
-        "model": MODEL, "prompt": "The licensee shall", "max_tokens": 400, "ignore_eos": True,
+        "model": MODEL, "prompt": "The licensee shall", "max_tokens": CONTEXT - 16, "ignore_eos": True,
         "temperature": 0.0, "stream": True, "steering": steering})
     assert r.status_code == 200, r.text
-    next(line for line in r.iter_lines() if line.startswith(b"data:"))
-    return r
+    lines = r.iter_lines()
+    assert next(lines).startswith(b"data:")
+    return r, lines
 
 
 def slots(got: dict, table: str) -> tuple[float, float]:
@@ -127,21 +146,32 @@ def slots(got: dict, table: str) -> tuple[float, float]:
             value(got, "vllm:sae_steer_slots_limit", table=table))
 
 
+def running(got: dict) -> float:
+    """vLLM's own count of the requests its engine ran in its last step."""
+    return sum(v for (name, _), v in got.items() if name == "vllm:num_requests_running")
+
+
 def test_slot_gauges_show_the_workers_tables(server):
     shared = {"interventions": [sae("relu-l1", 3, "add", strength=8.0)]}
     other = {"interventions": [{"type": "vector", "vector": "calm", "coef": 2.0},
                                {"type": "logit", "sae": "relu-l1", "feature": 3, "strength": 2.0}]}
-    with ThreadPoolExecutor(3) as pool:
-        streams = list(pool.map(lambda s: open_stream(server, s), [shared, shared, other]))
-    try:
-        got = scrape(server)
-        # two requests with equal steering share a slot; the third's residual part takes another, and its logit
-        # part one logit slot; each table has --max-num-seqs slots
-        assert slots(got, "residual") == (2, 32)
-        assert slots(got, "logit") == (1, 32)
-    finally:
-        for r in streams:
-            r.close()  # the server aborts them
+    for attempt in range(3):  # bounded; another attempt only when a stream ended before the pause took hold
+        with ThreadPoolExecutor(3) as pool:
+            streams = list(pool.map(lambda s: open_stream(server, s), [shared, shared, other]))
+        assert requests.post(server.url + "/pause", params={"mode": "keep"}, timeout=60).status_code == 200
+        try:
+            got = scrape(server)  # while paused, the worker's table and vLLM's last step stats stand still
+        finally:
+            assert requests.post(server.url + "/resume", timeout=60).status_code == 200
+            for r, _ in streams:
+                r.close()  # the server aborts them
+        if running(got) == 3:
+            break
+    assert running(got) == 3, "the streams never ran together when the engine paused"
+    # two requests with equal steering share a slot; the third's residual part takes another, its logit part a
+    # logit slot; each table has --max-num-seqs slots
+    assert slots(got, "residual") == (2, 32)
+    assert slots(got, "logit") == (1, 32)
     for _ in range(120):  # bounded: the worker frees the slots at its next step
         if slots(got := scrape(server), "residual")[0] == 0:
             break

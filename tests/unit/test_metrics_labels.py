@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,9 +14,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from sae_steer.server import metrics
-from sae_steer.spec import ModelFacts, SaeFacts, SteeringError, parse_steering, parse_telemetry
+from sae_steer.registry import Registry
+from sae_steer.spec import ModelFacts, SaeFacts, Steering, SteeringError, parse_steering, parse_telemetry
 from sae_steer.vllm_plugin import slot_stats
-from sae_steer.vllm_plugin.row_slots import RowSlots
+from sae_steer.vllm_plugin.logit_bias import LogitBias
+from sae_steer.vllm_plugin.table import SteeringTable
 
 FACTS = ModelFacts(d_model=4, num_layers=3, steerable_layers=frozenset({1, 2}),
                    saes={"s": SaeFacts(d_sae=8, layer=1, architecture="relu", d_model=4)},
@@ -114,22 +115,24 @@ def runtime_dir(tmp_path, monkeypatch):
 
 
 def tables(n_rows: int, logit: bool):
-    """Stand-ins with a SteeringTable's and a LogitBias's slot attributes (slot 0 of the table: no steering)."""
-    table = SimpleNamespace(rows=RowSlots(n_rows + 1, range(1, n_rows + 1), none=0),
-                            slot_positions=torch.zeros(n_rows + 1))
-    bias = SimpleNamespace(rows=RowSlots(n_rows, range(n_rows), none=-1), table=torch.zeros(n_rows, 5)) if logit \
-        else None
-    return table, bias
+    """A real SteeringTable (one vector at layer 1) and LogitBias, with n_rows batch rows."""
+    table = SteeringTable(Registry(saes={}, vectors={"v": {1: torch.ones(4)}}), [1], max_rows=n_rows, max_tokens=16,
+                          max_edits=2, d_model=4, device=torch.device("cpu"))
+    return table, LogitBias(n_rows, 5, "cpu") if logit else None
+
+
+def vector(coef: float) -> Steering:
+    return Steering.model_validate({"interventions": [{"type": "vector", "vector": "v", "coef": coef}]})
 
 
 def test_a_worker_publishes_its_slots_and_a_dead_workers_file_is_removed(runtime_dir):
     table, bias = tables(6, logit=True)
-    # rows 0, 1 share a key, row 2 has another: two slots; one logit slot
-    table.rows.update([(0, "a", None), (1, "a", None), (2, "b", None)], [], [], lambda slot, v: None)
-    bias.rows.update([(0, "k", None)], [], [], lambda slot, v: None)
+    # rows 0, 1 share a steering, row 2 has another: two slots; one logit slot
+    table.update([(0, vector(1.0), 3), (1, vector(1.0), 3), (2, vector(2.0), 3)], [], [])
+    bias.update([(0, ("s", 1, 2.0))], [], [], lambda key: torch.zeros(5))
     slot_stats.publish(table, bias)
     assert slot_stats.read_published() == [(2, 6, 1, 6)]
-    table.rows.update([], [0, 2], [], lambda slot, v: None)
+    table.update([], [0, 2], [])
     slot_stats.publish(table, bias)
     assert slot_stats.read_published() == [(1, 6, 1, 6)]
     dead = runtime_dir / f"{slot_stats.PREFIX}999999"  # left by an earlier server's worker: nobody locks it

@@ -153,8 +153,12 @@ def test_offline_engines_publish_nothing(runtime_dir, monkeypatch):
     assert not runtime_dir.exists() or not [p for p in runtime_dir.iterdir() if p.name.startswith(slot_stats.PREFIX)]
 
 
-def test_several_api_processes_are_summed_through_the_multiprocess_directory(tmp_path):
-    """vLLM with --api-server-count > 1 collects every process's values from PROMETHEUS_MULTIPROC_DIR."""
+def test_several_api_processes_are_summed_through_the_multiprocess_directory(tmp_path, runtime_dir):
+    """vLLM with --api-server-count > 1 collects every process's values from PROMETHEUS_MULTIPROC_DIR; the slot
+    gauges are what the process answering the scrape read from the workers just before."""
+    table, _ = tables(6, logit=False)
+    table.update([(0, vector(1.0), 3)], [], [])
+    slot_stats.publish(table, None)  # this process plays the worker
     script = ("import sys\n"
               "from sae_steer.server import metrics\n"
               "from sae_steer.spec import Admitted, parse_steering\n"
@@ -163,18 +167,23 @@ def test_several_api_processes_are_summed_through_the_multiprocess_directory(tmp
               "steering = Admitted(parse_steering({'interventions': [sae()]}, FACTS), FACTS)\n"
               "for _ in range(int(sys.argv[1])):\n"
               "    metrics.record_steered(steering)\n"
-              "metrics.record_refused('steering.interventions[1].sae')\n")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+              "metrics.record_refused('steering.interventions[1].sae')\n"
+              "metrics._metrics.refresh_slots()\n")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus")}
+    (tmp_path / "prometheus").mkdir()
     for n in (2, 3):  # two API server processes
         subprocess.run([sys.executable, "-c", script, str(n)], env=env, check=True, cwd=os.getcwd())
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(tmp_path))
+    MultiProcessCollector(registry, path=str(tmp_path / "prometheus"))
     got = samples(generate_latest(registry).decode())
     assert got[("vllm:sae_steer_requests_steered_total", (("intervention_type", "sae_add"), ("model_name", "m")))] == 5
     assert got[("vllm:sae_steer_requests_refused_total",
                 (("field", "steering.interventions.sae"), ("model_name", "m")))] == 2
     assert got[("vllm:sae_steer_sae_info", (("architecture", "relu"), ("d_sae", "8"), ("layer", "1"),
                                             ("model_name", "m"), ("sae", "s")))] == 1
+    assert got[("vllm:sae_steer_slots_in_use", (("model_name", "m"), ("table", "residual")))] == 1
+    assert got[("vllm:sae_steer_slots_limit", (("model_name", "m"), ("table", "residual")))] == 6
+    assert not [k for k in got if k[0] == "vllm:sae_steer_slots_in_use" and ("table", "logit") in k[1]]
 
 
 def test_an_admin_routes_outcome_is_read_from_what_it_answers(monkeypatch):

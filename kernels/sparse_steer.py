@@ -85,14 +85,14 @@ def _live_edits(edit_feature, gate_feature, token_slot, slot_edits):
 def edit_change(dot, feats, live, token_slot, edit_mul, edit_add, gate_above, gate_bias, threshold, mag_scale,
                 mag_bias, topk: TopkActs | None) -> torch.Tensor:
     """dot [T, 2E] = x . enc[feats] of each token's edits then gates -> change [T, E] = f' - f, 0 where the
-    `when` gate is closed or the edit is past the slot's live edits."""
+    `when` gate is closed or the edit is past the slot's live edits (live [T, 2E]; None: all are live)."""
     E = dot.shape[1] // 2
     f = activation(dot, feats, gate_bias, threshold, mag_scale, mag_bias)
     if topk is not None:
         f = topk_lookup(f, feats, topk)
     f_edit, f_gate = f[:, :E], f[:, E:]
     change = (edit_mul[token_slot] * f_edit + edit_add[token_slot]) * (f_gate > gate_above[token_slot])
-    return torch.where(live[:, :E], change, 0.0)
+    return change if live is None else torch.where(live[:, :E], change, 0.0)
 
 
 def sparse_steer_reference(hidden, residual, positions, tokens, slot_edits, edit_feature, edit_mul, edit_add,
@@ -121,25 +121,35 @@ def sparse_steer_distinct(hidden, residual, positions, tokens, slot_edits, edit_
     `sae_steer_kernels::steer` (kernels/ops.py), which torch.compile treats as opaque."""
     token_slot = token_slots(positions, tokens[: hidden.shape[0]], slot_edits)
     steered = token_slot.nonzero().flatten()
-    if steered.numel() == 0:
+    n = steered.numel()
+    if n == 0:
         return hidden.clone()
-    slot = token_slot[steered]
-    E = int(slot_edits[slot].max())
-    x = hidden[steered].float() + residual[steered].float()  # [n, d]
-    delta = vector[slot].clone()  # [n, d]
+    every = n == hidden.shape[0]  # a whole decode batch steered: no gathers of the steered tokens
+    slot = token_slot if every else token_slot[steered]
+    counts = slot_edits[slot]
+    E = int(counts.max())
+    h = hidden if every else hidden[steered]
+    delta = vector[slot]  # [n, d] (a copy: indexing gathers)
     if E > 0:
+        x = h.float() + (residual if every else residual[steered]).float()  # [n, d]
         edit_feature, gate_feature = edit_feature[:, :E], gate_feature[:, :E]
-        feats, live = _live_edits(edit_feature, gate_feature, slot, slot_edits)
+        if bool((counts < E).any()):  # some slot has fewer live edits: mask the rest
+            feats, live = _live_edits(edit_feature, gate_feature, slot, slot_edits)
+        else:
+            feats, live = torch.cat([edit_feature[slot], gate_feature[slot]], 1), None
         uniq, inv = torch.unique(feats, return_inverse=True)  # feats = uniq[inv]
         dot = (x @ enc[uniq].float().T).gather(1, inv)  # [n, 2E]
-        if topk is not None:
+        if topk is not None and not every:
             topk = (topk[0][steered], topk[1], topk[2])
         change = edit_change(dot, feats, live, slot, edit_mul[:, :E], edit_add[:, :E], gate_above[:, :E], gate_bias,
                              threshold, mag_scale, mag_bias, topk)  # [n, E]
-        coef = torch.zeros(x.shape[0], uniq.shape[0], device=x.device).scatter_add_(1, inv[:, :E], change)  # [n, U]
+        coef = torch.zeros(n, uniq.shape[0], device=x.device).scatter_add_(1, inv[:, :E], change)  # [n, U]
         delta += coef @ dec[uniq].float()
+    steered_rows = (h.float() + delta).to(hidden.dtype)
+    if every:
+        return steered_rows
     out = hidden.clone()
-    out[steered] = (hidden[steered].float() + delta).to(hidden.dtype)
+    out[steered] = steered_rows
     return out
 
 

@@ -103,7 +103,7 @@ function addIntervention(spec) {
   const iv = spec.kind === "sae"
     ? { id: page.nextId++, kind: "sae", sae: spec.sae ?? (page.saes[0] && page.saes[0].name), feature: spec.feature ?? 0,
         mode: spec.mode ?? "add", amount: DEFAULTS[spec.mode ?? "add"], auto: false, gate: null }
-    : { id: page.nextId++, kind: "vector", vector: spec.vector ?? (page.vectors[0] && page.vectors[0].name), amount: 4,
+    : { id: page.nextId++, kind: "vector", vector: spec.vector ?? (page.vectors[0] && page.vectors[0].name), amount: 1,
         auto: false, layer: null };
   if (iv.kind === "sae") card(iv.sae, iv.feature).then((f) => { iv.auto = !!(f.calibration && f.calibration[iv.mode]); renderInterventions(); }).catch(() => {});
   page.interventions.push(iv);
@@ -363,7 +363,9 @@ function renderHeatmap(result, sae) {
   box.replaceChildren(...tokens.map((token, i) => {
     const features = (byToken.get(i) || []).slice().sort((a, b) => b.activation - a.activation);
     const top = features.length ? features[0].activation : 0;
-    const span = el("span", { class: "tok", "data-index": i }, token);
+    // a token that decodes to nothing alone (a piece of a UTF-8 character) still gets its cell
+    const span = token === "" ? el("span", { class: "tok bytes", "data-index": i, title: "part of a character" }, "·")
+      : el("span", { class: "tok", "data-index": i }, token);
     span.style.setProperty("background-color", `rgba(var(--warm), ${(0.08 + 0.8 * top / peak).toFixed(3)})`);  // CSSOM: allowed by the CSP
     span.addEventListener("mouseenter", () => inspect(span, token, features, sae));
     span.addEventListener("click", () => inspect(span, token, features, sae));

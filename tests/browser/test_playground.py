@@ -205,12 +205,16 @@ def test_build_a_vector_with_the_admin_key(page, playground, screenshots):
     run(page, "#build-go", "vector kind built", "the build")
     assert "kind" in vector_names(playground)
     request = json.loads(page.find_element("id", "request-json").text)
-    assert request["steering"]["interventions"][-1] == {"type": "vector", "vector": "kind", "coef": 4}
+    assert request["steering"]["interventions"][-1] == {"type": "vector", "vector": "kind", "coef": 1}
     assert page.execute_script("return [localStorage.length, sessionStorage.length, document.cookie]") == [0, 0, ""]
     shot(page, screenshots, "build.png", "build")
     run(page, "#generate-go", "done", "answers with the built vector")
     steered, unsteered = [a.text for a in css(page, "#answers .answer .text")]
     assert steered != unsteered
+    width, height = page.get_window_size()["width"], page.get_window_size()["height"]
+    page.set_window_size(width, page.execute_script("return document.documentElement.scrollHeight") + 140)
+    page.save_screenshot(str(screenshots / "playground.png"))  # the whole page, every section in use
+    page.set_window_size(width, height)
 
 
 def test_completion_route_not_streamed(page):

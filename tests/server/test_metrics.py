@@ -52,8 +52,8 @@ def sae(name, feature, mode, **kw):
     return {"type": "sae", "sae": name, "feature": feature, "mode": mode, **kw}
 
 
-def complete(server, steering=None, chat=False, max_tokens=3, **extra):
-    body = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0.0, **extra}
+def complete(server, steering=None, chat=False):
+    body = {"model": MODEL, "max_tokens": 3, "temperature": 0.0}
     body.update({"messages": [{"role": "user", "content": "Hi"}]} if chat else {"prompt": "The licensee shall"})
     if steering is not None:
         body["steering"] = steering

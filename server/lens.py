@@ -7,9 +7,10 @@ p = softmax(W_U (g * n(x))) with n(x) = x / rms(x) (centered first for LayerNorm
 LogitHead.logit_lens applied to the normalized stream. A LayerNorm's bias is not read (the checkpoint head
 has gains only), so for GPT-2 / GPT-NeoX the probabilities are those of the model without that bias.
 
-It needs no admin key: it writes nothing and costs what a completion of one token over the same prompt costs
-(one prefill, cut to `max_positions` tokens, through the same capture slots as CAA builds). Under /v1, it
-follows vLLM's --api-key like the completion routes."""
+It needs no admin key: it writes nothing, and its engine work is a completion of one token over the same prompt
+(one prefill, cut to `max_positions` tokens, through the same capture slots as CAA builds); the unembedding runs
+in the API process (the checkpoint's head, on CPU), LENS_SLOTS requests at a time, off the event loop. Under
+/v1, it follows vLLM's --api-key like the completion routes."""
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +29,7 @@ from sae_steer.spec import SteeringError, check_capture_layers
 router = APIRouter()
 MAX_PROMPT_CHARS = 4096
 RMS_EPS = 1e-6
+LENS_SLOTS = asyncio.Semaphore(2)  # lens unembeddings at once: [positions, vocab] matmuls per layer, on CPU
 
 
 class LensRequest(BaseModel):
@@ -77,5 +79,7 @@ async def logit_lens(body: LensRequest, raw_request: Request):
                           for t, p in zip(ti, pi)] for ti, pi in zip(top.indices.tolist(), top.values.tolist())])
         return grid
 
+    async with LENS_SLOTS:
+        grid = await asyncio.to_thread(cells)
     return {"tokens": [tok.decode([t]) for t in ids], "token_ids": ids, "layers": layers,
-            "steered": steering is not None, "grid": await asyncio.to_thread(cells)}
+            "steered": steering is not None, "grid": grid}

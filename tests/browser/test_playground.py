@@ -86,10 +86,12 @@ def test_page_headers_and_routes_in_openapi(playground):
     assert csp["default-src"] == ["'none'"] and csp["script-src"] == ["'self'"] and csp["style-src"] == ["'self'"]
     assert csp["connect-src"] == ["'self'"] and csp["frame-ancestors"] == ["'none'"] and csp["base-uri"] == ["'none'"]
     assert "<script>" not in page.text and not re.search(r"\s(style|on[a-z]+)\s*=", page.text)  # nothing inline
+    assert not re.search(r"https?:|//[\w.-]+\.\w", page.text)  # nothing from another origin
     for name, kind in (("playground.js", "text/javascript"), ("playground.css", "text/css")):
         asset = requests.get(f"{playground.url}/steer/assets/{name}", timeout=30)
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
         assert asset.headers["x-content-type-options"] == "nosniff"
+        assert not re.search(r"https?:|url\(|@import", asset.text), name  # no outside fetch, font or sheet
     script = requests.get(playground.url + "/steer/assets/playground.js", timeout=30).text
     assert not re.search(r"\.(inner|outer)HTML\s*=|insertAdjacentHTML|document\.write|eval\(", script)
     for bad in ("../endpoints.py", "playground.html", "x.js"):

@@ -139,12 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     ev = sub.add_parser("eval", help="measure steering quality (concept, relevance, fluency) over a sweep of methods, "
                                      "layers and strengths; store the best settings as calibration (\"coef\": \"auto\")")
     ev.add_argument("--model", default="smollm2", help="model folder, or a known model: " + KNOWN_HELP)
-    ev.add_argument("--concept", default="cold", help="a concept of sae_steer/data/concepts.json")
+    ev.add_argument("--concept", default="cold", help="a concept of sae_steer/data/concepts.json (cold, joy, food, "
+                                                      "pirate), several separated by commas, or 'all': adds the "
+                                                      "summary over concepts, eval-<model>-<date>.{json,md,png}")
     ev.add_argument("--sae", help="an SAE (folder or file) of the model: adds SAE-feature and logit steering")
     ev.add_argument("--layers", help="CAA layers, comma-separated (default: n/5, n/3, n/2 of the model's n layers)")
     ev.add_argument("--coefs", default="1,2,4", help="CAA coefs (SAE: the same multiples of the CAA edit norm)")
     ev.add_argument("--logit-strengths", default="2,5,10", help="logit steering strengths (logits at the top token)")
-    ev.add_argument("--instructions", type=int, help="use the first N of the 32 instructions")
+    ev.add_argument("--instructions", type=int, help="use the first N of the 48 instructions")
     ev.add_argument("--max-tokens", type=int, default=36)
     ev.add_argument("--results", default="benchmarks/results", help="where eval-<concept>-<model>.{json,md,png} go")
     ev.add_argument("--vector-out", help="where the CAA vector is saved, with its calibration beside it "
@@ -164,9 +166,17 @@ def main(argv: list[str] | None = None) -> None:
     cap.add_argument("--layers", required=True, help="comma-separated layers, e.g. 6,15")
     cap.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
     cap.add_argument("--text-file", action="append", default=[],
-                     help="a text file to capture (repeatable; cut into chunks); default: fit-sae's local corpus")
+                     help="a text file to capture (repeatable; cut into chunks); default: fit-sae's corpus")
     cap.add_argument("--max-tokens-per-text", type=int, default=256)
-    for command in (demo, ev, fit, cap):
+    mk = sub.add_parser("make-corpus", help="write fit-sae's corpus once: the model's answers to a broad instruction "
+                                            "set (sae_steer/corpus.py) -> sae_steer/data/corpus-<model>.jsonl.gz")
+    mk.add_argument("--model", default="smollm2", help="model folder, or a known model: " + KNOWN_HELP)
+    mk.add_argument("--instructions", type=int, help="the first N of the shuffled instruction set (default: all)")
+    mk.add_argument("--max-tokens", type=int, default=192)
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--out", help="the corpus file (default: sae_steer/data/corpus-<model>.jsonl.gz); an interrupted "
+                                  "run resumes from <out>.partial")
+    for command in (demo, ev, fit, cap, mk):
         command.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                              help="the engine's dtype (default: bfloat16 on a GPU or a CPU with AVX-512 BF16 or AMX, "
                                   "float32 elsewhere; the choice is logged)")
@@ -194,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
         fit_sae(args.model, layer, out, tokens=args.tokens, dtype=args.dtype,
                 cfg=FitConfig(features=args.features, k=args.k, epochs=args.epochs))
         print(out)
+    elif args.command == "make-corpus":
+        from sae_steer.corpus import run_make_corpus
+        print(run_make_corpus(args.model, args.out, n=args.instructions, max_tokens=args.max_tokens, seed=args.seed,
+                              dtype=args.dtype))
     elif args.command == "capture":
         from sae_steer.capture import run_capture
         run_capture(args.model, [int(x) for x in args.layers.split(",")], args.out, args.text_file,

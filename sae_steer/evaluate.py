@@ -1,8 +1,9 @@
 """`sae-steer eval`: steering quality, measured (in the spirit of AxBench, Wu et al. 2025), and calibration.
 
-For one concept (default: cold / winter, sae_steer/data/concepts.json) and a few dozen everyday instructions
-(sae_steer/data/instructions.txt, split alternately into a *selection* half and a *test* half), the served
-model answers each instruction (greedy, `max_tokens` tokens, chat template when the model has one) under:
+For a concept of sae_steer/data/concepts.json (cold / winter, joy / happiness, food / cooking, pirate speech:
+a weather topic, an emotion, a topic, a style) and 48 everyday instructions (sae_steer/data/instructions.txt,
+split alternately into a *selection* half and a *test* half), the served model answers each instruction
+(greedy, `max_tokens` tokens, chat template when the model has one) under:
 
     none      no steering
     prompt    the instruction + "Mention cold weather, snow or winter in your answer." (the prompting baseline)
@@ -28,7 +29,14 @@ Every answer is scored 0-2 by three judges built from what is on this machine (n
 
 and their harmonic mean (0 when any is 0), averaged over instructions. Per method (CAA: per layer too), the
 setting with the best mean harmonic mean on the selection half is chosen and reported on the test half;
-`calibrate` stores it beside the vector / SAE (sae_steer/calibration.py) for `"coef": "auto"`.
+`calibrate` stores it beside the vector / SAE (sae_steer/calibration.py) for `"coef": "auto"`. Each setting's
+dose is the edit's norm over the unsteered stream's mean norm at its layer (stream_norms), and its spread over
+the test instructions a bootstrap interval (bootstrap_interval).
+
+`--concept all` (or a comma-separated list) runs every concept on one engine and adds the summary over
+concepts (run_eval_concepts): per concept and method the chosen test HM with its interval and dose, the mean
+over concepts, and the ratios CAA/prompting and SAE/CAA against the goals (GOALS), with paired bootstrap
+intervals, in benchmarks/results/eval-<model>-<date>.{json,md,png}.
 
 The judges' limits are written in the README ("Steering quality (eval) and calibration").
 """
@@ -53,6 +61,7 @@ REPETITION_CAP = (0.5, 0.8)  # distinct word-trigram ratio: below first -> 0, be
 RELEVANCE_PMI_FRACTION = (0.5, 0.2)  # of the unsteered median pmi: >= first -> 2, >= second -> 1
 MIN_RECORD_SCORE = 3  # feature-records search score a feature needs to be picked (pick_feature)
 RELEVANCE_BASE_FLOOR = 0.05  # nats/token: the base pmi used when the unsteered answers' median is below it
+BOOTSTRAP_SAMPLES = 2000  # resamples of the test instructions for the intervals
 
 
 def _say(msg: str) -> None:
@@ -78,6 +87,16 @@ def load_concept(name: str = "cold", path: str | Path | None = None) -> Concept:
     c = data[name]
     return Concept(name=name, description=c["description"], prompt_suffix=c["prompt_suffix"], words=c["words"],
                    pairs=[tuple(p) for p in c["pairs"]], search_words=c.get("search_words", [name]))
+
+
+def concept_names(spec: str, path: str | Path | None = None) -> list[str]:
+    """A --concept argument: one name, names separated by commas, or 'all' (every concept of the file)."""
+    known = list(json.loads(Path(path or DATA / "concepts.json").read_text(encoding="utf-8")))
+    names = known if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise ValueError(f"concept: unknown {unknown or spec!r}; known: {known} (or 'all')")
+    return names
 
 
 def load_instructions(path: str | Path | None = None) -> list[str]:
@@ -321,6 +340,28 @@ def summarize(rows: list[dict], idx: list[int]) -> dict:
     return {k: sum(r[k] for r in pick) / len(pick) for k in ("concept", "relevance", "fluency", "hm")}
 
 
+def bootstrap_interval(statistic, idx: list[int], n: int = BOOTSTRAP_SAMPLES, level: float = 0.95,
+                       seed: int = 0) -> list[float]:
+    """[low, high]: the percentile bootstrap interval of statistic(sample of idx), instructions drawn with
+    replacement (`n` resamples, fixed seed). For the spread over instructions: a difference between two
+    settings whose intervals overlap widely is not one to read much into."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(idx), (n, len(idx)), generator=g).tolist()
+    values = sorted(statistic([idx[k] for k in draw]) for draw in draws)
+    lo, hi = values[int((1 - level) / 2 * (n - 1))], values[int((1 + level) / 2 * (n - 1))]
+    return [round(lo, 4), round(hi, 4)]
+
+
+def stream_norms(llm, instructions: list[str], layers: list[int]) -> dict[int, float]:
+    """Per layer, the mean norm of the unsteered residual stream over the rendered instructions' positions after
+    the first (the attention sink): what an edit's norm is compared with (its dose)."""
+    from sae_steer.capture import capture_with_llm
+    tok = llm.get_tokenizer()
+    acts = capture_with_llm(llm, [(f"instructions[{i}]", render(tok, ins)) for i, ins in enumerate(instructions)],
+                            sorted(layers), "all")
+    return {L: float(torch.cat([a[L][1:].float() for a in acts]).norm(dim=-1).mean()) for L in layers}
+
+
 def select(points: list[Point], summaries: list[dict]) -> dict[str, int]:
     """Per method (and per CAA layer: key 'caa@L'), the point with the best selection-half mean harmonic
     mean (ties: the smaller strength). Methods with one point are their own choice."""
@@ -344,19 +385,26 @@ def write_markdown(result: dict, path: Path) -> Path:
              f"pmi {r['base']['base_pmi']:.3f} nats/token. SAE feature: {r.get('feature_note') or 'none'}. "
              f"Run time {r['seconds']:.0f} s.", "",
              "## Chosen settings (best harmonic mean on the select half, reported on the test half)", "",
-             "| method | layer | strength | concept | relevance | fluency | **HM (test)** | HM (select) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Dose: the edit's norm over the mean norm of the unsteered stream at that layer; interval: 95% "
+             "bootstrap over the test instructions.", "",
+             "| method | layer | strength | dose | concept | relevance | fluency | **HM (test)** | 95% interval | "
+             "HM (select) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for g in r["chosen_order"]:
         pt = r["points"][r["chosen"][g]]
         t, s = pt["test"], pt["select"]
+        lo, hi = pt["test_hm_interval"]
         lines.append(f"| {g} | {pt['layer'] if pt['layer'] is not None else '-'} | "
-                     f"{'-' if pt['strength'] is None else format(pt['strength'], 'g')} | {t['concept']:.2f} | "
-                     f"{t['relevance']:.2f} | {t['fluency']:.2f} | **{t['hm']:.3f}** | {s['hm']:.3f} |")
+                     f"{'-' if pt['strength'] is None else format(pt['strength'], 'g')} | "
+                     f"{'-' if pt['dose'] is None else format(pt['dose'], '.2f')} | {t['concept']:.2f} | "
+                     f"{t['relevance']:.2f} | {t['fluency']:.2f} | **{t['hm']:.3f}** | {lo:.2f}-{hi:.2f} | "
+                     f"{s['hm']:.3f} |")
     lines += ["", "## Every sweep point (test half; CAA/SAE multiple = edit norm / |CAA vector| at that layer)", "",
-              "| point | multiple | concept | relevance | fluency | HM (test) | HM (select) |", "|---|---|---|---|---|---|---|"]
+              "| point | multiple | dose | concept | relevance | fluency | HM (test) | HM (select) |",
+              "|---|---|---|---|---|---|---|---|"]
     for pt in r["points"]:
         t = pt["test"]
         lines.append(f"| {pt['label']} | {'-' if pt['multiple'] is None else format(pt['multiple'], 'g')} | "
+                     f"{'-' if pt['dose'] is None else format(pt['dose'], '.2f')} | "
                      f"{t['concept']:.2f} | {t['relevance']:.2f} | {t['fluency']:.2f} | {t['hm']:.3f} | "
                      f"{pt['select']['hm']:.3f} |")
     lines += ["", "## Examples (chosen settings)", ""]
@@ -433,6 +481,10 @@ def run_eval(llm, *, concept: Concept, instructions: list[str], layers: list[int
     rows, base = score_answers(llm, instructions, answers, concept)
     summaries = [{half: summarize(rows[j], idx) for half, idx in split.items()} for j in range(len(points))]
     chosen = select(points, summaries)
+    norms = stream_norms(llm, instructions[:16], caa_layers)
+    doses = [None if p.multiple is None else p.multiple * float(caa[p.layer].norm()) / norms[p.layer] for p in points]
+    intervals = [bootstrap_interval(lambda sample, r=rows[j]: sum(r[i]["hm"] for i in sample) / len(sample),
+                                    split["test"]) for j in range(len(points))]
     order = [g for g in ("none", "prompt", "caa", "sae", "logit") if g in chosen] + \
         sorted((g for g in chosen if g.startswith("caa@")), key=lambda g: int(g[4:]))
 
@@ -440,11 +492,13 @@ def run_eval(llm, *, concept: Concept, instructions: list[str], layers: list[int
               "max_tokens": max_tokens, "date": time.strftime("%Y-%m-%d"), "device": "CPU (vLLM CPU build)",
               "base": base, "feature": feature, "feature_note": feature_note,
               "caa_norms": {str(L): float(v.norm()) for L, v in caa.items()},
+              "stream_norms": {str(L): v for L, v in norms.items()},
               "thresholds": {"fluency_nll_margin": FLUENCY_NLL_MARGIN, "repetition_cap": REPETITION_CAP,
                              "relevance_pmi_fraction": RELEVANCE_PMI_FRACTION,
                              "relevance_base_floor": RELEVANCE_BASE_FLOOR},
               "points": [{"label": p.label, "method": p.method, "layer": p.layer, "strength": p.strength,
-                          "multiple": p.multiple, **summaries[j], "answers": rows[j]} for j, p in enumerate(points)],
+                          "multiple": p.multiple, "dose": doses[j], **summaries[j], "test_hm_interval": intervals[j],
+                          "answers": rows[j]} for j, p in enumerate(points)],
               "chosen": chosen, "chosen_order": order}
     ex_idx = [i for i in split["test"] if "weather" in instructions[i].lower()][:1] + split["test"][:examples]
     result["examples"] = [{"instruction": instructions[i], "answers": {
@@ -490,6 +544,150 @@ def run_eval(llm, *, concept: Concept, instructions: list[str], layers: list[int
     return result
 
 
+# ---- many concepts ----
+
+METHODS = ("none", "prompt", "caa", "sae", "logit")
+GOALS = {"caa/prompt": 0.7, "sae/caa": 0.7}  # issue 17: on the mean over concepts, test halves
+
+
+def summarize_concepts(results: list[dict]) -> dict:
+    """Per concept and method, the chosen setting's test-half HM with its interval and dose; the mean over
+    concepts per method; the ratios CAA/prompting and SAE/CAA of those means. The intervals of the means and
+    ratios are a paired bootstrap: one resample of the test instructions (the same ones for every concept, since
+    the concepts share the instruction set) is used for every concept and method, so what they share cancels."""
+    test = results[0]["split"]["test"]
+    if any(r["split"]["test"] != test for r in results):
+        raise ValueError("the concepts' runs must share their instructions and split")
+    methods = [m for m in METHODS if all(m in r["chosen"] for r in results)]
+    hm = {(r["concept"]["name"], m): [a["hm"] for a in r["points"][r["chosen"][m]]["answers"]]
+          for r in results for m in methods}
+    names = [r["concept"]["name"] for r in results]
+
+    def mean_of(m, sample):
+        return sum(sum(hm[c, m][i] for i in sample) / len(sample) for c in names) / len(names)
+
+    def ratio(a, b):
+        return lambda sample: mean_of(a, sample) / max(mean_of(b, sample), 1e-9)
+
+    per_concept = {}
+    for r in results:
+        per_concept[r["concept"]["name"]] = {m: {k: r["points"][r["chosen"][m]][k] for k in (
+            "label", "layer", "strength", "dose", "test", "test_hm_interval")} for m in methods}
+        per_concept[r["concept"]["name"]]["feature_note"] = r.get("feature_note")
+    mean = {m: {"test_hm": round(mean_of(m, test), 4), "interval": bootstrap_interval(lambda smp, m=m: mean_of(m, smp),
+                                                                                        test)} for m in methods}
+    ratios = {}
+    for name, goal in GOALS.items():
+        a, b = name.split("/")
+        if a in methods and b in methods:
+            ratios[name] = {"value": round(ratio(a, b)(test), 4), "interval": bootstrap_interval(ratio(a, b), test),
+                            "goal": goal, "met": ratio(a, b)(test) >= goal}
+    return {"concepts": names, "methods": methods, "per_concept": per_concept, "mean": mean, "ratios": ratios}
+
+
+def write_concepts_markdown(summary: dict, meta: dict, path: Path) -> Path:
+    lines = [f"# Steering quality on {len(summary['concepts'])} concepts: {meta['model_name']}", "",
+             f"{meta['date']}, {meta['device']}, dtype {meta['dtype']}; {meta['n_instructions']} instructions "
+             f"({meta['n_test']} test), greedy, {meta['max_tokens']} tokens; sweep: CAA at layers {meta['layers']} x "
+             f"coefs {meta['coefs']}, SAE feature add at the same multiples of the CAA edit norm, logit strengths "
+             f"{meta['logit_strengths']}. Each method's setting is chosen on the select half and reported on the test "
+             f"half. HM: harmonic mean of the concept, relevance and fluency judges (0-2; sae_steer/evaluate.py). "
+             f"Dose: the edit's norm over the mean norm of the unsteered stream at that layer. Intervals: 95% "
+             f"bootstrap over the test instructions (paired across concepts and methods for the means and ratios). "
+             f"Run time {meta['seconds']:.0f} s.", "",
+             "## Per concept (test half)", "",
+             "| concept | " + " | ".join(summary["methods"]) + " |", "|---|" + "---|" * len(summary["methods"])]
+    for c in summary["concepts"]:
+        cells = []
+        for m in summary["methods"]:
+            e = summary["per_concept"][c][m]
+            lo, hi = e["test_hm_interval"]
+            where = "" if m in ("none", "prompt") else f" ({e['label'].split(' ', 1)[1]}" + (
+                f", dose {e['dose']:.2f})" if e["dose"] is not None else ")")
+            cells.append(f"{e['test']['hm']:.3f} [{lo:.2f}, {hi:.2f}]{where}")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | " + " | ".join(
+        f"**{summary['mean'][m]['test_hm']:.3f}** [{summary['mean'][m]['interval'][0]:.2f}, "
+        f"{summary['mean'][m]['interval'][1]:.2f}]" for m in summary["methods"]) + " |")
+    lines += ["", "## Goals (mean over concepts, test halves)", "", "| ratio | value | 95% interval | goal | met |",
+              "|---|---|---|---|---|"]
+    for name, e in summary["ratios"].items():
+        lines.append(f"| {name} | {e['value']:.2f} | {e['interval'][0]:.2f}-{e['interval'][1]:.2f} | "
+                     f">= {e['goal']} | {'yes' if e['met'] else 'no'} |")
+    lines += ["", "## SAE features used", ""]
+    lines += [f"- {c}: {summary['per_concept'][c]['feature_note']}" for c in summary["concepts"]]
+    lines += ["", "Per concept, every sweep point and example answers: eval-<concept>-<model>.md beside this file.", ""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_concepts_plot(summary: dict, meta: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _say("matplotlib is not installed: no plot")
+        return None
+    groups = summary["concepts"] + ["mean"]
+    methods = summary["methods"]
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    width = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        ys, lo, hi = [], [], []
+        for c in groups:
+            e = summary["mean"][m] if c == "mean" else summary["per_concept"][c][m]
+            y = e["test_hm"] if c == "mean" else e["test"]["hm"]
+            a, b = e["interval"] if c == "mean" else e["test_hm_interval"]
+            ys.append(y), lo.append(y - a), hi.append(b - y)
+        xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=m)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("harmonic mean (0-2), test half")
+    ax.set_title(f"Steering quality on {meta['model_name']} ({meta['date']}): chosen settings, 95% bootstrap intervals",
+                 fontsize=10)
+    ax.legend(fontsize=8, ncol=len(methods))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_eval_concepts(llm, concepts: list[Concept], *, results_dir: str | Path | None = None,
+                      vector_out_for=None, **options) -> dict:
+    """run_eval for each concept on one engine (each writes its own eval-<concept>-<model>.* and calibration),
+    then the summary over concepts (summarize_concepts) -> eval-<model>-<date>.{json,md,png} in results_dir.
+    vector_out_for(concept name) -> where that concept's CAA vector goes."""
+    t0 = time.monotonic()
+    results = []
+    for c in concepts:
+        _say(f"=== concept {len(results) + 1}/{len(concepts)}: {c.name} ===")
+        results.append(run_eval(llm, concept=c, results_dir=results_dir,
+                                vector_out=vector_out_for(c.name) if vector_out_for else None, **options))
+    summary = summarize_concepts(results)
+    r0 = results[0]
+    meta = {"model_name": r0["model_name"], "date": r0["date"], "device": r0["device"],
+            "dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
+            "n_instructions": len(r0["instructions"]), "n_test": len(r0["split"]["test"]),
+            "max_tokens": r0["max_tokens"], "layers": sorted({p["layer"] for p in r0["points"] if p["method"] == "caa"}),
+            "coefs": sorted({p["multiple"] for p in r0["points"] if p["method"] == "caa"}),
+            "logit_strengths": [p["strength"] for p in r0["points"] if p["method"] == "logit"],
+            "seconds": time.monotonic() - t0}
+    out = {"meta": meta, **summary, "files": [f for r in results for f in r.get("files", [])]}
+    if results_dir is not None:
+        stem = Path(results_dir) / f"eval-{meta['model_name']}-{meta['date']}"
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, **summary}, indent=1) + "\n", encoding="utf-8")
+        write_concepts_markdown(summary, meta, stem.with_suffix(".md"))
+        write_concepts_plot(summary, meta, stem.with_suffix(".png"))
+        out["files"] += [str(stem.with_suffix(x)) for x in (".json", ".md", ".png")]
+        _say(f"wrote {stem}.{{json,md,png}}")
+    for name, e in summary["ratios"].items():
+        _say(f"{name}: {e['value']:.2f} [{e['interval'][0]:.2f}, {e['interval'][1]:.2f}] (goal >= {e['goal']}: "
+             f"{'met' if e['met'] else 'not met'})")
+    return out
+
+
 def default_vector_out(model_name: str, concept: str) -> Path:
     """$XDG_CACHE_HOME/sae-steer/vectors/<model>-<concept>.safetensors (beside fit-sae's SAEs)."""
     from sae_steer.models import cache_dir
@@ -530,15 +728,22 @@ def run_eval_command(model: str = "smollm2", *, concept: str = "cold", layers: l
         os.environ[observers.RUNTIME_DIR_ENV] = tempfile.mkdtemp(prefix="sae-steer-eval-")
         atexit.register(shutil.rmtree, os.environ[observers.RUNTIME_DIR_ENV], ignore_errors=True)
     instructions = load_instructions()[:n_instructions]
+    names = concept_names(concept)
     _say(f"model {path} ({dtype}, {'eager' if enforce_eager else 'compiled'}), steerable layers {settings['layers']}"
          + (f", SAE {sae}" if sae else ", no SAE (CAA, prompting only)"))
     llm = LLM(model=path, dtype=dtype, enforce_eager=enforce_eager, max_model_len=512, seed=0, max_num_seqs=128,
               additional_config={"sae_steer": settings})
+    options = dict(instructions=instructions, layers=layers, coefs=coefs or [1.0, 2.0, 4.0],
+                   sae_name="eval-sae" if sae else None, sae_path=sae,
+                   logit_strengths=logit_strengths if logit_strengths is not None else [2.0, 5.0, 10.0],
+                   max_tokens=max_tokens, results_dir=results_dir, calibrate=calibrate, model_name=model_name)
     try:
-        return run_eval(llm, concept=load_concept(concept), instructions=instructions, layers=layers,
-                        coefs=coefs or [1.0, 2.0, 4.0], sae_name="eval-sae" if sae else None, sae_path=sae,
-                        logit_strengths=logit_strengths if logit_strengths is not None else [2.0, 5.0, 10.0],
-                        max_tokens=max_tokens, results_dir=results_dir, calibrate=calibrate, model_name=model_name,
-                        vector_out=vector_out if vector_out is not None else default_vector_out(model_name, concept))
+        if len(names) == 1:
+            return run_eval(llm, concept=load_concept(names[0]), **options, vector_out=vector_out if vector_out
+                            is not None else default_vector_out(model_name, names[0]))
+        if vector_out is not None:
+            raise ValueError("--vector-out names one file: give it with one concept only")
+        return run_eval_concepts(llm, [load_concept(n) for n in names],
+                                 vector_out_for=lambda n: default_vector_out(model_name, n), **options)
     finally:
         llm.llm_engine.engine_core.shutdown()

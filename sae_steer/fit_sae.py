@@ -1,11 +1,12 @@
 """`sae-steer fit-sae`: fit a TopK SAE to the served model's residual stream at one layer, on this machine's
 own text, and write it in SAELens format with its quality figures. A small tool, readable top to bottom:
 
-  1. corpus     local_corpus(): text that every machine with this Python has, no download: the licence
-                texts of /usr/share/common-licenses (Debian; symlinked duplicates once), then the
-                docstrings (> 200 chars) of the Python standard library's modules, classes and functions
-                (sorted paths; test suites, idlelib and lib2to3 left out). Cut into chunks of at most
-                CHUNK_CHARS at paragraph breaks; deterministic; every 20th chunk is held out.
+  1. corpus     sae_steer.corpus.training_corpus(): everyday English that the served model wrote itself (its
+                answers to a broad instruction set over ~20 everyday topics, generated once with `sae-steer
+                make-corpus` and shipped as sae_steer/data/corpus-<model>.jsonl.gz with its provenance and
+                licence), with licence texts and Python docstrings (text every machine has) as a tenth; the
+                provenance goes into metrics.json and cfg.json beside the SAE. Deterministic; every 20th text
+                is held out.
   2. capture    the stream after decoder layer L (sae_steer.capture, through the engine's steering op)
                 of the training chunks, up to `tokens` positions. Position 0 of each chunk is dropped:
                 its stream has a norm far above the rest (an attention sink) and would dominate the MSE.
@@ -29,12 +30,10 @@ own text, and write it in SAELens format with its quality figures. A small tool,
 """
 from __future__ import annotations
 
-import ast
 import json
 import operator
 import os
 import sys
-import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,68 +42,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-CHUNK_CHARS = 1200
-HELD_OUT_EVERY = 20
-
-
 def _say(msg: str) -> None:
     print(f"[fit-sae] {msg}", file=sys.stderr, flush=True)
-
-
-# ---- 1. corpus ----
-
-def _licences() -> list[tuple[str, str]]:
-    seen, out = set(), []
-    for p in sorted(Path("/usr/share/common-licenses").glob("*")):
-        real = p.resolve()
-        if real.is_file() and real not in seen:
-            seen.add(real)
-            out.append((str(p), real.read_text(errors="ignore")))
-    return out
-
-
-def _stdlib_docstrings() -> list[tuple[str, str]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__phello__"}
-    out = []
-    for path in sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)):
-        try:
-            tree = ast.parse(path.read_text(errors="ignore"))
-        except (SyntaxError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    out.append((f"{path.relative_to(root)}:{getattr(node, 'name', '<module>')}", doc))
-    return out
-
-
-def _chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
-    """Paragraphs packed into chunks of at most `size` characters (a longer paragraph is cut)."""
-    out, cur = [], ""
-    for para in (p.strip() for p in text.split("\n\n")):
-        while len(para) > size:
-            if cur:
-                out.append(cur)
-                cur = ""
-            out.append(para[:size])
-            para = para[size:]
-        if cur and len(cur) + 2 + len(para) > size:
-            out.append(cur)
-            cur = ""
-        cur = f"{cur}\n\n{para}" if cur else para
-    if cur:
-        out.append(cur)
-    return [c for c in out if len(c) > 40]
-
-
-def local_corpus() -> tuple[list[str], list[str]]:
-    """(train chunks, held-out chunks): licences, then stdlib docstrings; every HELD_OUT_EVERY-th is held out."""
-    chunks = [c for _, text in _licences() + _stdlib_docstrings() for c in _chunks(text)]
-    held = [c for i, c in enumerate(chunks) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
-    train = [c for i, c in enumerate(chunks) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
-    return train, held
 
 
 # ---- 3. the SAE and its trainer ----
@@ -348,7 +287,11 @@ def fit_sae(model: str, layer: int, out_dir: str | Path, *, tokens: int = 300_00
     model = resolve_model(model)
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir else out_dir / "activations"
-    train_texts, held_texts = texts or local_corpus()
+    from sae_steer.corpus import training_corpus
+    if texts is None:
+        train_texts, held_texts, corpus = training_corpus(model)
+    else:
+        (train_texts, held_texts), corpus = texts, {"mix": "texts given to fit_sae"}
     # texts until `tokens` training positions are covered (each text cut to max_tokens_per_text, position 0 dropped)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -396,12 +339,12 @@ def fit_sae(model: str, layer: int, out_dir: str | Path, *, tokens: int = 300_00
                     "mse_final": mse_final, "train_tokens": len(acts), "capture_seconds": round(capture_seconds, 1),
                     "train_seconds": stats["train_seconds"], "total_seconds": round(time.monotonic() - t0, 1),
                     "layer": layer, "model": model, "input_scale": scale, "config": asdict(cfg),
-                    "corpus": "licences in /usr/share/common-licenses + Python stdlib docstrings (> 200 chars), "
-                              f"chunks of <= {CHUNK_CHARS} chars, every {HELD_OUT_EVERY}th held out",
+                    "corpus": corpus,
                     "loss_eval": "Hugging Face transformers float32, forward hook on model.model.layers[L] "
                                  "replacing positions >= 1", "history": stats["history"]})
     write_saelens(fitted, out_dir, Path(model).name, {"fit": {k: metrics[k] for k in ("fve", "l0", "dead_fraction",
-                                                                                       "ce_delta")}})
+                                                                                       "ce_delta")},
+                                                       "corpus": corpus.get("provenance", corpus["mix"])})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     write_records(fitted, model, work, out_dir, tokenizer, progress)
     if progress:

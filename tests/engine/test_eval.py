@@ -178,3 +178,80 @@ def test_run_eval_writes_results_and_calibration(artifacts, tmp_path):
     sae_cal = load_calibration(sae, "sae")["features"][str(result["feature"])]
     assert sae_cal["add"]["strength"] == result["points"][result["chosen"]["sae"]]["strength"]
     assert sae_cal["logit"]["strength"] == 3.0
+
+
+def test_corpus_builder_answers_each_instruction_with_its_own_seed(calibrated):
+    """make_corpus: one sampled answer per instruction, in order, instruction i sampled with seed + i (the
+    same text as that request sent alone), batches reported, and an interrupted run resumed as it was."""
+    from vllm import SamplingParams
+
+    from sae_steer.corpus import instruction_set, make_corpus
+    from sae_steer.evaluate import render
+    instructions = instruction_set(5, seed=1)
+    seen = []
+    rows = make_corpus(calibrated, instructions, max_tokens=6, seed=7, batch=2, progress=False,
+                       on_batch=lambda r: seen.append(len(r)))
+    assert [r["instruction"] for r in rows] == instructions and seen == [2, 4, 5]
+    tok = calibrated.get_tokenizer()
+    for i in (0, 3):
+        alone = calibrated.generate([{"prompt_token_ids": render(tok, instructions[i])}],
+                                    SamplingParams(max_tokens=6, temperature=0.7, top_p=0.95, seed=7 + i),
+                                    use_tqdm=False)[0].outputs[0]
+        assert rows[i]["text"] == alone.text.strip() and rows[i]["tokens"] == len(alone.token_ids)
+    assert len({r["text"] for r in rows}) > 1  # sampled: not one answer repeated
+    assert make_corpus(calibrated, instructions, max_tokens=6, seed=7, batch=2, done=rows[:3], progress=False) == rows
+    with pytest.raises(ValueError, match="interrupted"):
+        make_corpus(calibrated, instructions[1:], max_tokens=6, seed=7, done=rows[:3], progress=False)
+
+
+def test_eval_over_concepts_summarizes_means_ratios_and_doses(artifacts, tmp_path):
+    """run_eval_concepts on two concepts: per concept the chosen settings of its own run, the mean over concepts,
+    the ratios of the means, and each CAA setting's dose (coef x |v| over the stream's mean norm at that layer,
+    the norm from Hugging Face hidden states)."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_steer import evaluate
+    sae = shutil.copy(artifacts.saes["relu-l1"], tmp_path / "relu-l1")
+    llm = make_llm(artifacts, "eager", {"saes": {"s": str(sae)}, "layers": [2]})
+    concepts = [evaluate.load_concept(n) for n in ("cold", "food")]
+    for c in concepts:
+        c.pairs = c.pairs[:3]
+    instructions = evaluate.load_instructions()[:6]
+    try:
+        out = evaluate.run_eval_concepts(llm, concepts, instructions=instructions, layers=[2], coefs=[1.0, 6.0],
+                                         sae_name="s", sae_path=sae, logit_strengths=[3.0], max_tokens=6,
+                                         results_dir=tmp_path / "results", model_name="tiny", calibrate=False)
+        tok = llm.get_tokenizer()
+    finally:
+        close(llm)
+    assert out["concepts"] == ["cold", "food"] and out["methods"] == ["none", "prompt", "caa", "sae", "logit"]
+    per = {c: json.loads((tmp_path / "results" / f"eval-{c}-tiny.json").read_text()) for c in out["concepts"]}
+    test = per["cold"]["split"]["test"]
+    for m in out["methods"]:
+        chosen = {c: r["points"][r["chosen"][m]] for c, r in per.items()}
+        for c, pt in chosen.items():
+            assert out["per_concept"][c][m]["test"] == pt["test"]
+            lo, hi = pt["test_hm_interval"]
+            assert lo <= pt["test"]["hm"] <= hi
+        want = sum(sum(pt["answers"][i]["hm"] for i in test) / len(test) for pt in chosen.values()) / 2
+        assert out["mean"][m]["test_hm"] == pytest.approx(want, abs=1e-4)
+    assert out["ratios"]["caa/prompt"]["value"] == pytest.approx(
+        out["mean"]["caa"]["test_hm"] / max(out["mean"]["prompt"]["test_hm"], 1e-9), abs=1e-3)
+    # doses, with the stream norm written again from Hugging Face hidden states
+    model = AutoModelForCausalLM.from_pretrained(artifacts.model, torch_dtype=torch.float32).eval()
+    norms = []
+    with torch.no_grad():
+        for ins in instructions:
+            h = model(torch.tensor([evaluate.render(tok, ins)]), output_hidden_states=True).hidden_states[3][0]
+            norms.append(h[1:].norm(dim=-1))
+    mean_norm = float(torch.cat(norms).mean())
+    r = per["cold"]
+    for pt in r["points"]:
+        if pt["method"] == "caa":
+            assert pt["dose"] == pytest.approx(pt["strength"] * r["caa_norms"]["2"] / mean_norm, rel=1e-3)
+        if pt["method"] in ("none", "prompt", "logit"):
+            assert pt["dose"] is None
+    summary = json.loads(next((tmp_path / "results").glob("eval-tiny-*.json")).read_text())
+    assert summary["mean"] == out["mean"]
+    md = next((tmp_path / "results").glob("eval-tiny-*.md")).read_text()
+    assert "| cold |" in md and "| food |" in md and "caa/prompt" in md

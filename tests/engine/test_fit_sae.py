@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sae_steer.fit_sae import FitConfig, fit_sae, local_corpus
+from sae_steer.corpus import local_corpus
+from sae_steer.fit_sae import FitConfig, fit_sae
 from sae_steer.formats import load_sae
 from tests.engine.conftest import close, first_logprobs, make_llm, prompt, run
 from tests.reference import hf_greedy

@@ -11,13 +11,10 @@ maximise the harmonic mean of its judges on held-out instructions and writes the
                                               "logit": {"strength": 6.0, "score": 0.7}}}, "source": {...}}
 
 A request then writes `"coef": "auto"` (registered vector) or `"strength": "auto"` (SAE `add`, and `logit`):
-`resolve_auto` replaces it by the stored number (and, for a vector with several layers and no `layer` in the
-request, sets `layer` to the calibrated one; with a `layer`, that layer's own best coef is used). It runs in
-`parse_steering`, so admission (validate_params, the HTTP server's check) refuses "auto" without a
-calibration with an error naming the field, and the front end hands the worker the resolved numbers
-(vllm_plugin/frontend.py), so "auto" is served exactly as the same request with the numbers written out.
-Calibrations are read when the engine reads its settings (startup): a calibration written later is used
-after a restart.
+sae_steer.spec.resolve_auto replaces it by the stored number, from the calibrations this module loads
+(load_for_settings -> ModelFacts.calibrations); resolving is part of parsing a request, so it lives there and
+this module knows nothing of requests. Calibrations are read when the engine reads its settings (startup): a
+calibration written later is used after a restart.
 """
 from __future__ import annotations
 
@@ -27,7 +24,6 @@ import os
 import tempfile
 from pathlib import Path
 
-AUTO = "auto"
 SUFFIX = ".calibration.json"
 SAE_FILE = "calibration.json"
 
@@ -109,62 +105,3 @@ def load_for_settings(saes: dict[str, Path], vectors: dict[str, Path]) -> dict[s
             if data is not None:
                 out[name] = data
     return out
-
-
-def resolve_auto(raw, calibrations: dict[str, dict]):
-    """The `steering` object with every "auto" replaced by its calibrated number (a new object; `raw` is not
-    changed). Anything malformed is left for pydantic to report; a missing calibration raises SteeringError
-    naming the field."""
-    from sae_steer.spec import SteeringError
-    ivs = raw.get("interventions") if isinstance(raw, dict) else None
-    if not isinstance(ivs, list) or not any(isinstance(iv, dict) and AUTO in (iv.get("coef"), iv.get("strength"))
-                                            for iv in ivs):
-        return raw
-    out = []
-    for i, iv in enumerate(ivs):
-        where = f"steering.interventions[{i}]"
-        if not isinstance(iv, dict):
-            out.append(iv)
-            continue
-        iv = dict(iv)
-        kind = iv.get("type")
-        if iv.get("coef") == AUTO and kind == "vector":
-            name = iv.get("vector")
-            if not isinstance(name, str):
-                raise SteeringError(f"{where}.coef", '"auto" needs a registered vector (`vector`), whose '
-                                                     'calibration `sae-steer eval` wrote; an inline vector has none')
-            cal = calibrations.get(name)
-            if cal is None or cal.get("kind") != "vector":
-                raise SteeringError(f"{where}.coef", f'"auto": vector {name!r} has no calibration; run '
-                                                     f'`sae-steer eval` to write one beside its file, or give a number')
-            layer = iv.get("layer")
-            if layer is None:
-                iv["layer"], iv["coef"] = cal["layer"], cal["coef"]
-            else:
-                entry = cal.get("per_layer", {}).get(str(layer)) if isinstance(layer, int) else None
-                if entry is None and layer != cal["layer"]:
-                    raise SteeringError(f"{where}.coef", f'"auto": vector {name!r} is calibrated at layers '
-                                                         f'{sorted({cal["layer"], *map(int, cal.get("per_layer", {}))})}, '
-                                                         f'not at layer {layer!r}')
-                iv["coef"] = cal["coef"] if entry is None else entry["coef"]
-        elif iv.get("strength") == AUTO and kind in ("sae", "logit"):
-            what = "logit" if kind == "logit" else iv.get("mode")
-            if what not in ("add", "logit"):
-                raise SteeringError(f"{where}.strength", f'"auto" is calibrated for mode "add" and type "logit" '
-                                                         f'only, not mode {what!r}')
-            name, feature = iv.get("sae"), iv.get("feature")
-            cal = calibrations.get(name) if isinstance(name, str) else None
-            entry = None
-            if cal is not None and cal.get("kind") == "sae" and isinstance(feature, int):
-                entry = cal.get("features", {}).get(str(feature), {}).get(what)
-            if entry is None:
-                raise SteeringError(f"{where}.strength", f'"auto": feature {feature!r} of SAE {name!r} has no '
-                                                         f'calibrated {what!r} strength; run `sae-steer eval` for '
-                                                         f'it, or give a number')
-            iv["strength"] = entry["strength"]
-        elif AUTO in (iv.get("coef"), iv.get("strength")):
-            field = "coef" if iv.get("coef") == AUTO else "strength"
-            raise SteeringError(f"{where}.{field}", '"auto" applies to `coef` of a vector and `strength` of an '
-                                                    'SAE add or logit intervention')
-        out.append(iv)
-    return {**raw, "interventions": out}

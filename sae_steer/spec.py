@@ -3,7 +3,8 @@
 parse_steering(raw, facts) raises SteeringError with the offending field's path
 (e.g. `steering.interventions[2].feature`): shape/type checks (pydantic) and the checks that need
 the model (known SAE/vector names, feature range, vector length, layer range, number of
-interventions, finite and bounded magnitudes), after resolving "auto" (calibration.py).
+interventions, finite and bounded magnitudes), after resolving "auto" (resolve_auto, from the calibrations
+that sae_steer.calibration stores).
 
 Each request's steering is parsed once per process: in the front end (the HTTP server's check, or
 vLLM's admission: `validate_params`), which sends `Steering.wire()` to the workers, and once in the
@@ -178,7 +179,6 @@ def parse_steering(raw, facts: ModelFacts) -> Steering:
         if key in raw:
             raise SteeringError(f"steering.{key}", f"`{key}` is answered by the HTTP server (sae-steer serve); "
                                                    "offline requests carry interventions and positions only")
-    from sae_steer.calibration import resolve_auto
     raw = resolve_auto(raw, facts.calibrations)  # "coef"/"strength": "auto" -> the calibrated numbers
     n = raw.get("interventions")
     if isinstance(n, list) and len(n) > facts.max_interventions:
@@ -192,6 +192,71 @@ def parse_steering(raw, facts: ModelFacts) -> Steering:
     for i, iv in enumerate(steering.interventions):
         _check_intervention(iv, f"steering.interventions[{i}]", facts)
     return steering
+
+
+AUTO = "auto"  # a calibrated `coef` / `strength` (sae_steer.calibration stores them)
+
+
+def resolve_auto(raw, calibrations: dict[str, dict]):
+    """The `steering` object with every "auto" replaced by its calibrated number (a new object; `raw` is not
+    changed): `calibrations` are the stored files' contents (sae_steer.calibration, ModelFacts.calibrations).
+    For a vector with several layers and no `layer` in the request, `layer` is set to the calibrated one; with
+    a `layer`, that layer's own best coef is used. It runs in parse_steering, so admission (validate_params,
+    the HTTP server's check) refuses "auto" without a calibration with an error naming the field, and the
+    front end hands the worker the resolved numbers (vllm_plugin/frontend.py): "auto" is served exactly as
+    the same request with the numbers written out. Anything malformed is left for pydantic to report."""
+    ivs = raw.get("interventions") if isinstance(raw, dict) else None
+    if not isinstance(ivs, list) or not any(isinstance(iv, dict) and AUTO in (iv.get("coef"), iv.get("strength"))
+                                            for iv in ivs):
+        return raw
+    out = []
+    for i, iv in enumerate(ivs):
+        where = f"steering.interventions[{i}]"
+        if not isinstance(iv, dict):
+            out.append(iv)
+            continue
+        iv = dict(iv)
+        kind = iv.get("type")
+        if iv.get("coef") == AUTO and kind == "vector":
+            name = iv.get("vector")
+            if not isinstance(name, str):
+                raise SteeringError(f"{where}.coef", '"auto" needs a registered vector (`vector`), whose '
+                                                     'calibration `sae-steer eval` wrote; an inline vector has none')
+            cal = calibrations.get(name)
+            if cal is None or cal.get("kind") != "vector":
+                raise SteeringError(f"{where}.coef", f'"auto": vector {name!r} has no calibration; run '
+                                                     f'`sae-steer eval` to write one beside its file, or give a number')
+            layer = iv.get("layer")
+            if layer is None:
+                iv["layer"], iv["coef"] = cal["layer"], cal["coef"]
+            else:
+                entry = cal.get("per_layer", {}).get(str(layer)) if isinstance(layer, int) else None
+                if entry is None and layer != cal["layer"]:
+                    raise SteeringError(f"{where}.coef", f'"auto": vector {name!r} is calibrated at layers '
+                                                         f'{sorted({cal["layer"], *map(int, cal.get("per_layer", {}))})}, '
+                                                         f'not at layer {layer!r}')
+                iv["coef"] = cal["coef"] if entry is None else entry["coef"]
+        elif iv.get("strength") == AUTO and kind in ("sae", "logit"):
+            what = "logit" if kind == "logit" else iv.get("mode")
+            if what not in ("add", "logit"):
+                raise SteeringError(f"{where}.strength", f'"auto" is calibrated for mode "add" and type "logit" '
+                                                         f'only, not mode {what!r}')
+            name, feature = iv.get("sae"), iv.get("feature")
+            cal = calibrations.get(name) if isinstance(name, str) else None
+            entry = None
+            if cal is not None and cal.get("kind") == "sae" and isinstance(feature, int):
+                entry = cal.get("features", {}).get(str(feature), {}).get(what)
+            if entry is None:
+                raise SteeringError(f"{where}.strength", f'"auto": feature {feature!r} of SAE {name!r} has no '
+                                                         f'calibrated {what!r} strength; run `sae-steer eval` for '
+                                                         f'it, or give a number')
+            iv["strength"] = entry["strength"]
+        elif AUTO in (iv.get("coef"), iv.get("strength")):
+            field = "coef" if iv.get("coef") == AUTO else "strength"
+            raise SteeringError(f"{where}.{field}", '"auto" applies to `coef` of a vector and `strength` of an '
+                                                    'SAE add or logit intervention')
+        out.append(iv)
+    return {**raw, "interventions": out}
 
 
 _ECHO = reprlib.Repr()  # (attributes, not keywords: Python 3.10/3.11)

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from sae_steer.calibration import (calibration_path, load_calibration, load_for_settings, resolve_auto,
-                                   save_feature_calibration, save_vector_calibration)
+from sae_steer.calibration import (calibration_path, load_calibration, load_for_settings, save_feature_calibration,
+                                   save_vector_calibration)
 from sae_steer.formats import save_sae, save_vector
 from sae_steer.registry import Settings
-from sae_steer.spec import ModelFacts, SaeFacts, SteeringError, parse_steering
+from sae_steer.spec import ModelFacts, SaeFacts, SteeringError, parse_steering, resolve_auto
 from sae_steer.tiny_model import random_sae
 
 

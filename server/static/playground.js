@@ -7,7 +7,7 @@
 const $ = (id) => document.getElementById(id);
 const keys = { api: "", admin: "" };
 const page = {
-  saes: [], vectors: [], cards: new Map(), interventions: [], nextId: 1,
+  saes: [], vectors: [], cards: new Map(), interventions: [],
   lens: null, lensShown: "unsteered",
 };
 
@@ -101,13 +101,18 @@ const DEFAULTS = { add: 8, clamp: 4, scale: 2, logit: 4, ablate: 0 };
 
 function addIntervention(spec) {
   const iv = spec.kind === "sae"
-    ? { id: page.nextId++, kind: "sae", sae: spec.sae ?? (page.saes[0] && page.saes[0].name), feature: spec.feature ?? 0,
+    ? { kind: "sae", sae: spec.sae ?? (page.saes[0] && page.saes[0].name), feature: spec.feature ?? 0,
         mode: spec.mode ?? "add", amount: DEFAULTS[spec.mode ?? "add"], auto: false, gate: null }
-    : { id: page.nextId++, kind: "vector", vector: spec.vector ?? (page.vectors[0] && page.vectors[0].name), amount: 1,
+    : { kind: "vector", vector: spec.vector ?? (page.vectors[0] && page.vectors[0].name), amount: 1,
         auto: false, layer: null };
-  if (iv.kind === "sae") card(iv.sae, iv.feature).then((f) => { iv.auto = !!(f.calibration && f.calibration[iv.mode]); renderInterventions(); }).catch(() => {});
   page.interventions.push(iv);
+  if (iv.kind === "sae") refreshFeature(iv);
   renderInterventions();
+}
+
+function refreshFeature(iv) {  // its card (label, calibration); "auto" on where this mode is calibrated
+  card(iv.sae, iv.feature).then((f) => { iv.auto = !!(f.calibration && f.calibration[iv.mode]); })
+    .catch(() => { iv.auto = false; }).finally(renderInterventions);
 }
 
 function calibratedFor(iv) {
@@ -119,18 +124,20 @@ function calibratedFor(iv) {
   return f && f.calibration && f.calibration[iv.mode] ? f.calibration[iv.mode].strength : null;
 }
 
-function slider(iv, label, min, max, step) {
+function slider(iv, label, min, max, step, autoAllowed) {
   const number = el("input", { type: "number", step, value: iv.amount, class: "amount" });
   const range = el("input", { type: "range", min, max, step, value: iv.amount, class: "strength" });
   const set = (v) => { iv.amount = Number(v); range.value = v; number.value = v; updateRequest(); };
   range.addEventListener("input", () => set(range.value));
   number.addEventListener("input", () => set(number.value));
-  const calibrated = calibratedFor(iv);
+  const calibrated = autoAllowed ? calibratedFor(iv) : null;
+  if (!autoAllowed) iv.auto = false;
   const auto = el("input", { type: "checkbox", checked: iv.auto && calibrated !== null, disabled: calibrated === null, class: "auto" });
   auto.addEventListener("change", () => { iv.auto = auto.checked; range.disabled = number.disabled = auto.checked; updateRequest(); });
   range.disabled = number.disabled = auto.checked;
-  return el("label", {}, label, " ", range, number, el("label", { title: calibrated === null ? "no calibration stored" : `calibrated: ${calibrated}` },
-    auto, calibrated === null ? " auto (not calibrated)" : ` auto (${calibrated})`));
+  return el("label", {}, label, " ", range, number, autoAllowed ? el("label", {
+    title: calibrated === null ? "no calibration stored" : `calibrated: ${calibrated}` },
+  auto, calibrated === null ? " auto (not calibrated)" : ` auto (${calibrated})`) : null);
 }
 
 function select(options, value, onChange, cls = "") {
@@ -151,10 +158,10 @@ function renderInterventions() {
             (value) => { iv.vector = value; iv.layer = null; renderInterventions(); }),
           "layer ", select([["", "its own"], ...(v ? v.layers : []).map((L) => [String(L), String(L)])], iv.layer ?? "",
             (value) => { iv.layer = value === "" ? null : Number(value); updateRequest(); }), remove),
-        el("div", { class: "row" }, slider(iv, "coef", -32, 32, 0.5)));
+        el("div", { class: "row" }, slider(iv, "coef", -32, 32, 0.5, true)));
     }
     const feature = el("input", { type: "number", min: 0, value: iv.feature, class: "feature" });
-    feature.addEventListener("change", () => { iv.feature = Number(feature.value); card(iv.sae, iv.feature).finally(renderInterventions); });
+    feature.addEventListener("change", () => { iv.feature = Number(feature.value); refreshFeature(iv); });
     const gate = el("input", { type: "checkbox", checked: iv.gate !== null, class: "gate" });
     gate.addEventListener("change", () => { iv.gate = gate.checked ? { feature: iv.feature, above: 0 } : null; renderInterventions(); });
     const gateControls = iv.gate === null ? [] : [
@@ -163,14 +170,15 @@ function renderInterventions() {
     const label = page.cards.get(`${iv.sae}#${iv.feature}`);
     return el("div", { class: "intervention" },
       el("div", { class: "row" }, `#${n + 1} SAE `,
-        select(page.saes.map((s) => [s.name, s.name]), iv.sae, (value) => { iv.sae = value; renderInterventions(); }),
+        select(page.saes.map((s) => [s.name, s.name]), iv.sae, (value) => { iv.sae = value; refreshFeature(iv); }),
         "feature ", feature, label ? el("span", { class: "muted" }, label.label ?? "") : null,
         "mode ", select(["add", "clamp", "ablate", "scale", "logit"].map((m) => [m, m]), iv.mode,
-          (value) => { iv.mode = value; iv.amount = DEFAULTS[value]; iv.auto = false; renderInterventions(); }, "mode"), remove),
+          (value) => { iv.mode = value; iv.amount = DEFAULTS[value]; refreshFeature(iv); }, "mode"), remove),
       el("div", { class: "row" },
         iv.mode === "ablate" ? el("span", { class: "muted" }, "ablate: the feature's activation is removed")
           : slider(iv, { add: "strength", clamp: "value", scale: "factor", logit: "strength" }[iv.mode],
-            iv.mode === "scale" ? -4 : -64, iv.mode === "scale" ? 8 : 64, iv.mode === "scale" ? 0.1 : 0.5),
+            iv.mode === "scale" ? -4 : -64, iv.mode === "scale" ? 8 : 64, iv.mode === "scale" ? 0.1 : 0.5,
+            iv.mode === "add" || iv.mode === "logit"),  // "auto" exists for these (calibration.py)
         iv.mode === "logit" ? null : el("label", {}, gate, " only when"), ...gateControls));
   });
   $("interventions").replaceChildren(...(rows.length ? rows : [el("p", { class: "muted" }, "no interventions: add one, or open a feature card")]));

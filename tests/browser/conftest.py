@@ -36,7 +36,7 @@ def record(i: int) -> dict:
 
 @pytest.fixture(scope="session")
 def playground(artifacts, tmp_path_factory):
-    """The server: SAE "tiny-sae" at layer 1 (records, hostile labels, feature 5 calibrated), vector "calm",
+    """The server: SAE "tiny-sae" at layer 1 (records, hostile labels, feature 5 calibrated), vector "calm" (calibrated),
     every layer steerable (the lens reads all four), vLLM's --api-key, the admin key of tests/server."""
     tmp = tmp_path_factory.mktemp("playground")
     sae_file = save_sae(random_sae(D_MODEL, D_SAE, LAYER, "relu", seed=31), tmp / "saes" / "tiny-sae")
@@ -47,6 +47,7 @@ def playground(artifacts, tmp_path_factory):
     labels.write_text(json.dumps({str(HOSTILE): SCRIPT, "5": "cold weather"}))
     vector = save_vector({LAYER: 4 * torch.randn(D_MODEL, generator=torch.Generator().manual_seed(32))},
                          tmp / "vectors" / "calm.safetensors")
+    calibration.save_vector_calibration(vector, LAYER, 2.0)
     args = [sys.executable, "-m", "sae_steer.cli", "serve", str(artifacts.model), "--dtype", "float32",
             "--max-model-len", "512", "--block-size", "32", "--max-num-seqs", "16", "--seed", "0",
             "--enforce-eager", "--served-model-name", "tiny", "--api-key", API_KEY, "--steering-admin-key", ADMIN_KEY,

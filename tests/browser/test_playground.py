@@ -180,6 +180,18 @@ def test_sweep_sent_as_one_batch(page):
     assert (at_zero, at_30) == (seen["answers"][1], seen["answers"][0])
 
 
+def test_a_calibrated_vector_offers_auto(page):
+    click(page, "#add-vector")
+    row = css(page, "#interventions .intervention")[-1]
+    auto = row.find_element("css selector", ".auto")
+    assert auto.is_enabled() and not auto.is_selected() and "auto (2)" in row.text
+    auto.click()
+    request = json.loads(page.find_element("id", "request-json").text)
+    assert request["steering"]["interventions"][-1] == {"type": "vector", "vector": "calm", "coef": "auto"}
+    row.find_element("css selector", ".remove").click()
+    assert len(json.loads(page.find_element("id", "request-json").text)["steering"]["interventions"]) == 1
+
+
 def test_logit_lens_grid_steered_and_unsteered(page, screenshots):
     click(page, "#lens-go")
     wait(page, lambda d: css(d, "table.lens"), "the lens grid")

@@ -185,24 +185,18 @@ def load_activations(out_dir: str | Path, layer: int, dtype: torch.dtype = torch
     return load_field(out_dir, f"L{layer}").to(dtype)
 
 
-def run_capture(model: str, layers: list[int], out_dir: str | Path, text_files: list[str] | None = None,
-                max_tokens_per_text: int = 256, dtype: str | None = None) -> dict:
+def run_capture(model: str, layers: list[int], out_dir: str | Path, texts: list[str], max_tokens_per_text: int = 256,
+                dtype: str | None = None) -> dict:
     """`sae-steer capture`: start an engine (in this process) with `layers` steerable and capture the texts
-    (chunks of the given files, or fit-sae's corpus). `dtype`: the engine's (default: this machine's,
+    (the command picks them: sae_steer.cli). `dtype`: the engine's (default: this machine's,
     sae_steer.machine_dtype)."""
     import os
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM
 
-    from sae_steer.corpus import chunks, training_corpus
     from sae_steer.machine_dtype import pick_dtype
     from sae_steer.models import resolve_model
-    if text_files:
-        texts = [c for f in text_files for c in chunks(Path(f).read_text(errors="ignore"))]
-    else:
-        train, held, _ = training_corpus(model)
-        texts = train + held
     llm = LLM(model=resolve_model(model), dtype=pick_dtype(dtype), enforce_eager=True,
               max_model_len=max_tokens_per_text + 8, seed=0,
               enable_prefix_caching=False, additional_config={"sae_steer": {"layers": sorted(set(layers))}})

@@ -209,8 +209,16 @@ def main(argv: list[str] | None = None) -> None:
         print(run_make_corpus(args.model, args.out, n=args.instructions, max_tokens=args.max_tokens, seed=args.seed,
                               dtype=args.dtype))
     elif args.command == "capture":
+        from pathlib import Path
+
         from sae_steer.capture import run_capture
-        run_capture(args.model, [int(x) for x in args.layers.split(",")], args.out, args.text_file,
+        from sae_steer.corpus import chunks, training_corpus
+        if args.text_file:
+            texts = [c for f in args.text_file for c in chunks(Path(f).read_text(errors="ignore"))]
+        else:
+            train, held, _ = training_corpus(args.model)
+            texts = train + held
+        run_capture(args.model, [int(x) for x in args.layers.split(",")], args.out, texts,
                     args.max_tokens_per_text, dtype=args.dtype)
 
 

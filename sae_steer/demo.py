@@ -34,7 +34,8 @@ import requests
 from sae_steer import models
 
 FEATURES = 4096
-CONCEPT, SEARCH_WORDS = "cold", ("cold", "winter", "snow", "freezing")
+CONCEPT, SEARCH_WORDS = "cold", ("cold", "winter", "snow", "freezing", "ice")  # concepts.json's search_words
+CALIBRATION_INSTRUCTIONS = 24  # the first run calibrates on these (12 select); `sae-steer eval` runs all 48
 VECTOR_NAME = "cold"
 PROMPTS = ["What is the weather like in California?", "Describe a good day out with friends.",
            "What should I cook for dinner tonight?"]
@@ -65,9 +66,12 @@ def prepare(model_name: str = models.DEFAULT, dtype: str | None = None) -> tuple
     else:
         _say(f"2/3 SAE: {sae_dir} (cached)")
     vector = evaluate.default_vector_out(model_name, CONCEPT)
-    if calibration.load_calibration(vector, "vector") is None or calibration.load_calibration(sae_dir, "sae") is None:
-        _say(f"3/3 calibration: `sae-steer eval` for {CONCEPT!r} (first run only, a few minutes)")
+    if calibration.load_calibration(vector, "vector") is None or calibrated_feature(sae_dir) is None:
+        # only what the demo shows (CAA and SAE add, no logit steering), on half the instructions
+        _say(f"3/3 calibration: `sae-steer eval` for {CONCEPT!r} on {CALIBRATION_INSTRUCTIONS} instructions "
+             f"(first run only, a few minutes)")
         evaluate.run_eval_command(model_name, concept=CONCEPT, sae=str(sae_dir), vector_out=vector, dtype=dtype,
+                                  n_instructions=CALIBRATION_INSTRUCTIONS, logit_strengths=[],
                                   results_dir=vector.parent / "eval-results")  # the cache, not the working tree
     else:
         _say(f"3/3 calibration: beside {vector} and in {sae_dir} (cached)")
@@ -112,20 +116,22 @@ def find_feature(url: str, sae: str, words=SEARCH_WORDS) -> tuple[int | None, li
     """The best feature for the concept's words, by the search route (None when nothing matches)."""
     hits = {}
     for word in words:
-        for hit in requests.get(f"{url}/v1/steering/saes/{sae}/features", params={"search": word, "limit": 5},
+        for hit in requests.get(f"{url}/v1/steering/saes/{sae}/features", params={"search": word, "limit": 20},
                                 timeout=60).json().get("data", []):
             best = hits.setdefault(hit["index"], {**hit, "score": 0, "words": []})
             best["score"] += hit["score"]
             best["words"].append(word)
-    ranked = sorted(hits.values(), key=lambda h: -h["score"])
+    ranked = sorted(hits.values(), key=lambda h: (-h["score"], h["index"]))  # as evaluate.pick_feature ranks
     return (ranked[0]["index"] if ranked else None), ranked[:5]
 
 
-def calibrated_feature(sae_dir: Path) -> int | None:
-    """The SAE feature with the best stored `add` calibration score, if any."""
+def calibrated_feature(sae_dir: Path, concept: str = CONCEPT) -> int | None:
+    """The SAE feature with the best stored `add` calibration score for `concept`, if any (`sae-steer eval` over
+    several concepts calibrates one feature per concept in the same SAE)."""
     from sae_steer.calibration import load_calibration
     stored = (load_calibration(sae_dir, "sae") or {}).get("features", {})
-    scored = [(entry["add"].get("score") or 0.0, int(i)) for i, entry in stored.items() if "add" in entry]
+    scored = [(entry["add"].get("score") or 0.0, int(i)) for i, entry in stored.items()
+              if "add" in entry and entry["add"].get("source", {}).get("concept") == concept]
     return max(scored)[1] if scored else None
 
 

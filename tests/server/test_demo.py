@@ -28,7 +28,7 @@ def shown(artifacts, tmp_path_factory):
     vector = save_vector({LAYER: torch.randn(D_MODEL, generator=torch.Generator().manual_seed(22))},
                          tmp / "vectors" / "cold.safetensors")
     calibration.save_vector_calibration(vector, LAYER, 6.0)  # what `sae-steer eval` stores
-    calibration.save_feature_calibration(sae_file, 5, "add", 30.0)
+    calibration.save_feature_calibration(sae_file, 5, "add", 30.0, source={"concept": "cold"})
     lines: list[str] = []
     result = demo.show(artifacts.model, sae_file, vector, prompts=["What is the weather like?", "Tell me a story."],
                        max_tokens=8, log_dir=tmp, extra_args=["--dtype", "float32"], out=lines.append)

@@ -58,7 +58,7 @@ _lock = threading.Lock()
 _opened: tuple[str, int, int] | None = None  # (path, fd, pid) of the checked directory
 
 
-def _dir_fd() -> int:
+def runtime_dir_fd() -> int:
     """A descriptor of the checked runtime directory (created privately when missing), per process."""
     global _opened
     path = str(runtime_dir())
@@ -100,7 +100,7 @@ def _refusal(path: str, problem: str) -> str:
 
 def check_runtime_dir() -> Path:
     """Create (privately) and check the runtime directory; RuntimeDirError when it is unsafe."""
-    _dir_fd()
+    runtime_dir_fd()
     return runtime_dir()
 
 
@@ -110,21 +110,21 @@ def _name(observer_id: str, suffix: str) -> str:
     return f"{observer_id}{suffix}"
 
 
-def _listdir() -> list[str]:
+def list_runtime_dir() -> list[str]:
     """The runtime directory's names, through a descriptor of this call's own: os.listdir on the shared one
     would share its read position with every thread listing at the same time (CPython dups the descriptor,
     and dups share the offset), so concurrent readers got partial lists: captures read as incomplete, files
     left behind by discard."""
-    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=_dir_fd())
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=runtime_dir_fd())
     try:
         return os.listdir(fd)
     finally:
         os.close(fd)
 
 
-def _open(name: str, flags: int, mode: int = 0o600) -> int:
+def open_in_runtime_dir(name: str, flags: int, mode: int = 0o600) -> int:
     """Open a file in the runtime directory, never through a symlink; only our own regular files."""
-    fd = os.open(name, flags | _NOFOLLOW | os.O_NONBLOCK, mode, dir_fd=_dir_fd())  # O_NONBLOCK: a FIFO never blocks
+    fd = os.open(name, flags | _NOFOLLOW | os.O_NONBLOCK, mode, dir_fd=runtime_dir_fd())  # O_NONBLOCK: a FIFO never blocks
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
         os.close(fd)
@@ -142,7 +142,7 @@ def record_telemetry(observer_id: str, positions: list[int], indices: list[list[
     data = "".join(json.dumps({"position": p, "features": i, "activations": v}) + "\n"
                    for p, i, v in zip(positions, indices, values)).encode()
     try:
-        fd = _open(_name(observer_id, ".telemetry.jsonl"), os.O_WRONLY | os.O_APPEND | (os.O_CREAT if first else 0))
+        fd = open_in_runtime_dir(_name(observer_id, ".telemetry.jsonl"), os.O_WRONLY | os.O_APPEND | (os.O_CREAT if first else 0))
     except FileNotFoundError:
         return  # discarded by the API: the request is gone
     except (OSError, ValueError, RuntimeDirError) as e:
@@ -171,12 +171,12 @@ def _write_capture(observer_id: str, layer: int, stem: str, tensors: dict[str, t
     try:
         data = save_safetensors(tensors)
         final, tmp = _name(observer_id, f"{stem}.safetensors"), _name(observer_id, f"{stem}.{os.getpid()}.tmp")
-        dfd = _dir_fd()
+        dfd = runtime_dir_fd()
         try:
             os.unlink(tmp, dir_fd=dfd)  # a leftover of an earlier attempt of this process
         except FileNotFoundError:
             pass
-        fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        fd = open_in_runtime_dir(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             view = memoryview(data)
             while view:
@@ -204,7 +204,7 @@ class TelemetryReader:
 
     def new_records(self) -> list[tuple[int, dict]]:
         try:
-            fd = _open(self.name, os.O_RDONLY)
+            fd = open_in_runtime_dir(self.name, os.O_RDONLY)
         except FileNotFoundError:
             return []
         with os.fdopen(fd, "rb") as f:
@@ -226,7 +226,7 @@ class TelemetryReader:
 
 def read_capture(observer_id: str, layer: int) -> torch.Tensor | None:
     try:
-        fd = _open(_name(observer_id, f".L{layer}.safetensors"), os.O_RDONLY)
+        fd = open_in_runtime_dir(_name(observer_id, f".L{layer}.safetensors"), os.O_RDONLY)
     except FileNotFoundError:
         return None
     with os.fdopen(fd, "rb") as f:
@@ -237,10 +237,10 @@ def read_capture_positions(observer_id: str, layer: int, n_positions: int) -> to
     """The stream at prompt positions 0..n_positions-1, [n_positions, d], assembled from the chunk files of
     a `positions: "all"` capture; None until every position has arrived."""
     prefix = _name(observer_id, f".L{layer}.p")
-    names = [n for n in _listdir() if n.startswith(prefix) and n.endswith(".safetensors")]
+    names = [n for n in list_runtime_dir() if n.startswith(prefix) and n.endswith(".safetensors")]
     out, seen = None, torch.zeros(n_positions, dtype=torch.bool)
     for name in names:
-        with os.fdopen(_open(name, os.O_RDONLY), "rb") as f:
+        with os.fdopen(open_in_runtime_dir(name, os.O_RDONLY), "rb") as f:
             chunk = load_safetensors(f.read())
         keep = chunk["positions"] < n_positions
         if out is None:
@@ -252,8 +252,8 @@ def read_capture_positions(observer_id: str, layer: int, n_positions: int) -> to
 
 def discard(observer_id: str) -> None:
     prefix = _name(observer_id, ".")
-    dfd = _dir_fd()
-    for name in _listdir():
+    dfd = runtime_dir_fd()
+    for name in list_runtime_dir():
         if name.startswith(prefix):
             try:
                 os.unlink(name, dir_fd=dfd)

@@ -51,12 +51,12 @@ def counts(table, logit) -> SlotCounts:
 class _Publisher:
     def __init__(self, first: SlotCounts):
         name, tmp = f"{PREFIX}{os.getpid()}", f"{PREFIX}{os.getpid()}.tmp"
-        dfd = observers._dir_fd()
+        dfd = observers.runtime_dir_fd()
         try:
             os.unlink(tmp, dir_fd=dfd)
         except FileNotFoundError:
             pass
-        self.fd = observers._open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        self.fd = observers.open_in_runtime_dir(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until this process exits
         self.last = first
         os.pwrite(self.fd, _RECORD.pack(*self.last), 0)
@@ -105,11 +105,11 @@ def publish(table, logit) -> None:
 def read_published() -> list[SlotCounts]:
     """The counts of every live engine's worker; files left by dead workers are removed."""
     out = []
-    for name in observers._listdir():
+    for name in observers.list_runtime_dir():
         if not name.startswith(PREFIX) or name.endswith(".tmp"):
             continue
         try:
-            fd = observers._open(name, os.O_RDONLY)
+            fd = observers.open_in_runtime_dir(name, os.O_RDONLY)
         except FileNotFoundError:
             continue
         try:
@@ -119,7 +119,7 @@ def read_published() -> list[SlotCounts]:
                 out.append(_read(fd))
                 continue
             try:
-                os.unlink(name, dir_fd=observers._dir_fd())  # nobody holds it: its worker is gone
+                os.unlink(name, dir_fd=observers.runtime_dir_fd())  # nobody holds it: its worker is gone
             except FileNotFoundError:
                 pass
         finally:

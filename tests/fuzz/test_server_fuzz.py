@@ -286,7 +286,7 @@ def test_deep_nesting_over_http(fuzz_server, field, depth):
 
 # Found by test_openapi_fuzz (SAE_STEER_FUZZ_RANDOM=1): a capture of several texts at once sometimes answered 503
 # ("no activation captured ...") on a single-host server: concurrent listings of the runtime directory through
-# one shared descriptor returned partial lists (fixed in observers._listdir). 30 captures of 5 texts each.
+# one shared descriptor returned partial lists (fixed in observers.list_runtime_dir). 30 captures of 5 texts each.
 def test_capture_of_several_texts_is_not_a_5xx(fuzz_server):
     texts = ["hello there friend", "good morning all", "the cat sat", "a dog ran far", "blue sky today"]
     for i in range(30):

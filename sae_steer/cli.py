@@ -158,8 +158,9 @@ def main(argv: list[str] | None = None) -> None:
                                                "model's middle layer, e.g. 15 of SmolLM2's 30)")
     fit.add_argument("--features", type=int, default=4096)
     fit.add_argument("--k", type=int, default=32)
-    fit.add_argument("--tokens", type=int, default=400_000, help="training positions captured from the corpus")
-    fit.add_argument("--epochs", type=int, default=4)
+    fit.add_argument("--tokens", type=int, default=200_000, help="training positions captured from the corpus "
+                                                             "(at most; the shipped corpus has ~60k)")
+    fit.add_argument("--epochs", type=int, default=8)
     fit.add_argument("--out", help="output folder (default: $XDG_CACHE_HOME/sae-steer/saes/MODEL-L<layer>-<features>)")
     cap = sub.add_parser("capture", help="record residual-stream activations over a corpus into safetensors shards")
     cap.add_argument("--model", default="smollm2", help="model folder, or a known model: " + KNOWN_HELP)

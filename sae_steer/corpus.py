@@ -199,11 +199,11 @@ def make_corpus(llm, instructions: list[str], *, max_tokens: int = 192, temperat
     `done`: rows of an interrupted run (the first len(done) instructions), kept; `on_batch(rows)` after each batch."""
     from vllm import SamplingParams
 
-    from sae_steer.evaluate import render
-    tok = llm.get_tokenizer()
     rows = list(done or [])
     if [r["instruction"] for r in rows] != instructions[:len(rows)]:
         raise ValueError("the rows of the interrupted run are not answers to the first instructions of this set")
+    from sae_steer.evaluate import render
+    tok = llm.get_tokenizer()
     new_tokens, start = 0, time.monotonic()
     for b in range(len(rows), len(instructions), batch):
         chunk = instructions[b:b + batch]
@@ -281,12 +281,17 @@ def run_make_corpus(model: str = "smollm2", out: str | Path | None = None, *, n:
         tmp.replace(partial)
 
     t0 = time.monotonic()
-    llm = LLM(model=path, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_tokens + 128, seed=seed,
-              max_num_seqs=64)
-    try:
-        rows = make_corpus(llm, instructions, max_tokens=max_tokens, seed=seed, done=done, on_batch=keep)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    if len(done) >= len(instructions):  # an earlier run got this far: no engine needed
+        rows = done[:len(instructions)]
+        if [r["instruction"] for r in rows] != instructions:
+            raise ValueError(f"{partial} holds answers to other instructions than this set's")
+    else:
+        llm = LLM(model=path, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_tokens + 128, seed=seed,
+                  max_num_seqs=64)
+        try:
+            rows = make_corpus(llm, instructions, max_tokens=max_tokens, seed=seed, done=done, on_batch=keep)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
     entry = known(model)
     provenance = {
         "model": entry.folder if entry else Path(path).name,

@@ -232,6 +232,41 @@ class Point:
         return f"{self.method} {where}{self.strength:g}"
 
 
+def search_concept(book, concept: Concept) -> tuple[int | None, dict[int, int]]:
+    """(best feature or None, {feature: summed score}): the feature-records search (FeatureRecords.search, what
+    GET /v1/steering/saes/{name}/features?search= serves) for each of the concept's search words, scores summed."""
+    totals: dict[int, int] = {}
+    for word in concept.search_words:
+        for hit in book.search(word, limit=20):
+            totals[hit["index"]] = totals.get(hit["index"], 0) + hit["score"]
+    return (max(totals, key=lambda i: (totals[i], -i)) if totals else None), totals
+
+
+def interpretability_check(sae_dir: str | Path, names: list[str] | None = None) -> dict[str, dict]:
+    """For each concept (default: all), the feature the search finds, and whether it means the concept: how many
+    of its top contexts fire on a concept word (the whole word, feature_records.word_at), and whether its label
+    names one. `passed`: at least one such context and a label that says so."""
+    from sae_steer.feature_records import FeatureRecords, word_at, words
+    book = FeatureRecords.load(sae_dir)
+    out = {}
+    for name in names or concept_names("all"):
+        concept = load_concept(name)
+        lexicon = {_norm(w.lower()) for w in concept.words + concept.search_words}
+        best, totals = search_concept(book, concept)
+        if best is None:
+            out[name] = {"feature": None, "passed": False, "search_words": concept.search_words}
+            continue
+        record = book.get(best)
+        fired = [word_at(c["tokens"], c["at"]) for c in record["contexts"]]
+        hits = sum(_norm(w) in lexicon for w in fired if w)
+        label_says = any(_norm(w) in lexicon for w in words(record["label"]))
+        out[name] = {"feature": best, "score": totals[best], "label": record["label"], "fired_on": fired,
+                     "contexts_on_concept": hits, "contexts": len(fired), "label_says": label_says,
+                     "frequency": record["frequency"], "passed": hits >= 1 and label_says,
+                     "search_words": concept.search_words}
+    return out
+
+
 def pick_feature(sae, sae_dir: Path | None, concept: Concept, caa: dict[int, torch.Tensor]) -> tuple[int, str]:
     """The SAE feature to steer with: the best hit of a feature-records search for the concept's words when it
     scores at least MIN_RECORD_SCORE (3: one top context firing on a concept word, or more), else the decoder
@@ -241,11 +276,7 @@ def pick_feature(sae, sae_dir: Path | None, concept: Concept, caa: dict[int, tor
     weak = ""
     if sae_dir is not None and (sae_dir / RECORDS_FILE).is_file():
         book = FeatureRecords.load(sae_dir)
-        totals: dict[int, int] = {}
-        for word in concept.search_words:
-            for hit in book.search(word, limit=20):
-                totals[hit["index"]] = totals.get(hit["index"], 0) + hit["score"]
-        best = max(totals, key=lambda i: (totals[i], -i)) if totals else None
+        best, totals = search_concept(book, concept)
         if best is not None and totals[best] >= MIN_RECORD_SCORE:
             return best, (f"feature records search for {concept.search_words}: feature {best} "
                           f"(score {totals[best]}, label {book.get(best).get('label')!r})")

@@ -17,8 +17,9 @@ own text, and write it in SAELens format with its quality figures. A small tool,
                 after every step W_dec rows are renormalised to unit norm (decoder-norm constraint);
                 AuxK: features that have not fired for `dead_after` tokens reconstruct the residual
                 error with their own top `aux_k`, weight 1/32 (keeps features alive). Defaults (lr 2e-3,
-                batch 1024, 4 epochs, decay over the last 20%) were picked on SmolLM2 layer 15: at this
-                few steps, lr 4e-4 reached FVE 0.58 where 2e-3 reached 0.80 (59k tokens, 2 epochs).
+                batch 1024, decay over the last 20%) were picked on SmolLM2 layer 15: at this few steps,
+                lr 4e-4 reached FVE 0.58 where 2e-3 reached 0.80 (59k tokens, 2 epochs); 8 epochs since the
+                corpus is small (~60k positions: the whole of it fits the first run's time, see the README).
   4. evaluate   on the held-out chunks, with Hugging Face transformers (float32) and a forward hook on
                 model.model.layers[L] that replaces the stream at positions >= 1 by the SAE's reconstruction:
                 fraction of variance explained (1 - sum|x - x_hat|^2 / sum|x - mean|^2), L0 (mean number of
@@ -52,7 +53,7 @@ def _say(msg: str) -> None:
 class FitConfig:
     features: int = 4096
     k: int = 32
-    epochs: int = 4
+    epochs: int = 8
     batch: int = 1024
     lr: float = 2e-3  # constant, then linear decay to 0 over the last 20% of steps
     aux_k: int = 256
@@ -270,7 +271,7 @@ def default_out_dir(model: str, layer: int, features: int) -> Path:
     return cache_dir().parent / "saes" / f"{name}-L{layer}-{features}"
 
 
-def fit_sae(model: str, layer: int, out_dir: str | Path, *, tokens: int = 300_000, cfg: FitConfig | None = None,
+def fit_sae(model: str, layer: int, out_dir: str | Path, *, tokens: int = 200_000, cfg: FitConfig | None = None,
             max_tokens_per_text: int = 256, eval_texts: int = 32, work_dir: str | Path | None = None,
             texts: tuple[list[str], list[str]] | None = None, dtype: str | None = None, enforce_eager: bool = True,
             progress: bool = True) -> dict:
@@ -347,6 +348,13 @@ def fit_sae(model: str, layer: int, out_dir: str | Path, *, tokens: int = 300_00
                                                        "corpus": corpus.get("provenance", corpus["mix"])})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     write_records(fitted, model, work, out_dir, tokenizer, progress)
+    from sae_steer.evaluate import interpretability_check
+    metrics["interpretability"] = interpretability_check(out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    if progress:
+        for name, e in metrics["interpretability"].items():
+            _say(f"concept {name}: feature {e['feature']} ({e.get('label')!r}), {e.get('contexts_on_concept', 0)}/"
+                 f"{e.get('contexts', 0)} top contexts on its words -> {'passed' if e['passed'] else 'NOT passed'}")
     if progress:
         _say(f"done in {metrics['total_seconds']:.0f} s: FVE {metrics['fve']:.3f}, L0 {metrics['l0']:.1f}, "
              f"dead {metrics['dead_fraction']:.3f}, CE {metrics['ce_clean']:.3f} -> {metrics['ce_sae']:.3f} "

@@ -47,3 +47,29 @@ def test_search_matches_a_word_split_into_pieces():
     assert hits == [{"index": 0, "label": book.records[0]["label"], "score": 3}]
     snow = {h["index"]: h["score"] for h in book.search("snow")}
     assert snow == {0: 3, 1: 1 + 2}  # 0: fired on "snow" once ("snowy" is another word); 1: in a context + promoted
+
+
+def test_interpretability_check_finds_the_concepts_feature_and_reads_its_label(tmp_path):
+    """The search finds, per concept, the feature firing on its words; the check passes only when the top contexts
+    fire on concept words and the label names one."""
+    import json
+
+    from sae_steer.evaluate import interpretability_check
+    from sae_steer.feature_records import save_feature_records
+    records = [
+        _record([([" deep", " sn", "ow"], 2), ([" the", " winter", " sky"], 1)], [" cold"]),  # cold: passes
+        _record([([" a", " happy", " day"], 1)], [" the"]),  # joy: fires on "happy"
+        _record([([" the", " river"], 1)], [" stone"]),  # mentions nothing
+    ]
+    for i, r in enumerate(records):
+        r["index"] = i
+        r["label"] = auto_label(r)
+    records[1]["label"] = "river -> stone"  # a label that does not say what the contexts show
+    save_feature_records(records, tmp_path)
+    got = interpretability_check(tmp_path, ["cold", "joy", "pirate"])
+    assert got["cold"]["feature"] == 0 and got["cold"]["fired_on"] == ["snow", "winter"]
+    assert got["cold"]["contexts_on_concept"] == 2 and got["cold"]["label_says"] and got["cold"]["passed"]
+    assert got["joy"]["feature"] == 1 and got["joy"]["contexts_on_concept"] == 1
+    assert not got["joy"]["label_says"] and not got["joy"]["passed"]
+    assert got["pirate"] == {"feature": None, "passed": False, "search_words": got["pirate"]["search_words"]}
+    assert json.dumps(got)  # goes into metrics.json

@@ -10,14 +10,17 @@ For a steering engine:
   before the forward), so steering is reported to vLLM as a feature V2 does not support: vLLM then
   picks V1 itself and logs why. An explicit VLLM_USE_V2_MODEL_RUNNER=1 is refused at startup.
 - CUDA graphs (CUDA platforms only; the CPU build has none):
-    mode left unset      -> PIECEWISE. The op is a graph split point, so its Python body runs at every
-                            step between captured pieces: telemetry and capture work.
-    PIECEWISE            -> the op is added to splitting_ops (same as above).
+    mode left unset      -> vLLM's own default (FULL_AND_PIECEWISE), as for any engine: decode steps replay
+                            full graphs with the op inside (see FULL below), mixed batches run piecewise
+                            graphs with the op as a split point.
+    PIECEWISE            -> the op is added to splitting_ops: its Python body runs at every step between
+                            captured pieces, so telemetry and capture work (ask for this mode to serve them).
     FULL, FULL_DECODE_ONLY, FULL_AND_PIECEWISE
                          -> kept. The op is captured inside the full graphs and the table runs its
-                            graph-safe path (fixed-address buffers updated in place before each step),
-                            so steering is replayed exactly; telemetry and capture, which need the host
-                            at every step, are refused at admission.
+                            graph-safe path (fixed-address buffers updated in place before each step, one
+                            kernel per layer reading the live counts on the device), so steering is replayed
+                            exactly; telemetry and capture, which need the host at every step, are refused at
+                            admission with a 400 naming the field (logits_processor.validate_params).
     NONE                 -> eager op, nothing to do.
 - compile cache: vLLM keys its saved graphs by the config's hash, which does not see the plugin's
   code. The hash of a steering engine also covers sae-steer's version and the source of the op,
@@ -65,13 +68,12 @@ def plugin_code_hash() -> str:
 
 def choose_graph_settings(compilation_config, cuda: bool, before_post_init: bool) -> None:
     """The cudagraph choices above, applied to a CompilationConfig (pure: unit-tested without a GPU)."""
-    from vllm.config import CompilationMode, CUDAGraphMode
+    from vllm.config import CompilationMode
     if before_post_init:
         if cuda and compilation_config.cudagraph_mode is None:
-            compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
-            logger.info("sae-steer: cudagraph_mode PIECEWISE for this steering engine (the steering op is a graph "
-                        "split point, so telemetry and capture work); full graphs replay steering too: ask for "
-                        "them with -cc.cudagraph_mode=FULL_AND_PIECEWISE (then telemetry/capture are refused)")
+            logger.info("sae-steer: vLLM's default cudagraph mode for this steering engine: full graphs replay "
+                        "steering (graph-safe table), and telemetry/capture requests are refused; serve them with "
+                        "-cc.cudagraph_mode=PIECEWISE")
         return
     if compilation_config.mode == CompilationMode.VLLM_COMPILE and compilation_config.splitting_ops is not None \
             and STEERING_OP not in compilation_config.splitting_ops:

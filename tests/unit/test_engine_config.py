@@ -70,12 +70,12 @@ def test_the_compile_cache_key_covers_the_plugin_code(VllmConfig, monkeypatch):
         engine_config.plugin_code_hash.cache_clear()
 
 
-@pytest.mark.parametrize("asked,expected", [(None, "PIECEWISE"), ("PIECEWISE", "PIECEWISE"), ("NONE", "NONE"),
+@pytest.mark.parametrize("asked,expected", [(None, None), ("PIECEWISE", "PIECEWISE"), ("NONE", "NONE"),
                                             ("FULL", "FULL"), ("FULL_AND_PIECEWISE", "FULL_AND_PIECEWISE"),
                                             ("FULL_DECODE_ONLY", "FULL_DECODE_ONLY")])
 def test_cuda_graph_choices(asked, expected):
-    """Unset -> PIECEWISE (the op is a split point, its host-side telemetry/capture work); an explicit mode is
-    kept; the op always becomes a split point of piecewise graphs."""
+    """Unset stays unset, for vLLM's post-init to pick its own default (FULL_AND_PIECEWISE), as for an engine
+    without the plugin; an explicit mode is kept; the op always becomes a split point of piecewise graphs."""
     from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
     from sae_steer.vllm_plugin.engine_config import STEERING_OP, choose_graph_settings, full_graphs
     cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE,
@@ -83,9 +83,20 @@ def test_cuda_graph_choices(asked, expected):
     choose_graph_settings(cc, cuda=True, before_post_init=True)
     cc.splitting_ops = ["vllm::unified_attention"]  # what vLLM's post-init sets by default
     choose_graph_settings(cc, cuda=True, before_post_init=False)
-    assert cc.cudagraph_mode == CUDAGraphMode[expected]
+    assert cc.cudagraph_mode == (None if expected is None else CUDAGraphMode[expected])
     assert cc.splitting_ops == ["vllm::unified_attention", STEERING_OP]
-    assert full_graphs(type("C", (), {"compilation_config": cc})()) == (expected.startswith("FULL"))
+    if expected is not None:
+        assert full_graphs(type("C", (), {"compilation_config": cc})()) == (expected.startswith("FULL"))
+
+
+def test_a_steering_engine_gets_vllms_default_graph_mode(VllmConfig):
+    """Through the wrapped post-init: a steering engine ends with the cudagraph mode vLLM gives an engine
+    without the plugin's settings (on CUDA, its default FULL_AND_PIECEWISE), nothing forced."""
+    from vllm.config.vllm import OPTIMIZATION_LEVEL_TO_CONFIG, OptimizationLevel
+    plain, steering = VllmConfig(), VllmConfig(additional_config=SETTINGS)
+    assert steering.compilation_config.cudagraph_mode == plain.compilation_config.cudagraph_mode
+    default = OPTIMIZATION_LEVEL_TO_CONFIG[OptimizationLevel.O2]["compilation_config"]["cudagraph_mode"]
+    assert default.name == "FULL_AND_PIECEWISE", "vLLM's default moved: check the README and engine_config.py"
 
 
 def test_no_cuda_no_graph_mode_is_chosen():

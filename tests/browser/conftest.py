@@ -86,7 +86,11 @@ def browser():
 
 
 @pytest.fixture(scope="session")
-def screenshots() -> Path:
-    out = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def screenshots(tmp_path_factory) -> Path:
+    """Where the tests' screenshots go: a temporary folder, or the README's docs/screenshots/ when
+    SAE_STEER_SCREENSHOTS=1 (so that a plain `make test` leaves the tree as it was)."""
+    if os.environ.get("SAE_STEER_SCREENSHOTS") == "1":
+        out = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    return tmp_path_factory.mktemp("screenshots")

@@ -3,7 +3,7 @@ steer with it, compare streamed answers, sweep, the telemetry heat map, the logi
 admin key, and hostile strings (in a label, a top context and a model answer) that must stay text.
 
 The tests share one page and run in file order (each builds on the page the previous one left); the
-screenshots they take go to docs/screenshots/ (the README shows them)."""
+screenshots they take go to docs/screenshots/ (the README shows them) with SAE_STEER_SCREENSHOTS=1."""
 from __future__ import annotations
 
 import ast

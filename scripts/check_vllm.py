@@ -558,7 +558,7 @@ class ImportsByName:
 class SpecDecodingBranch:
     """What build_logitsprocs does under speculative decoding (reported; either way passes, as long as the
     function is there): vLLM 0.32 returns before loading entry-point processors, so the plugin's wrapper
-    (steering_op.install_channel) adds sae-steer's; where vLLM loads them, the wrapper finds it and adds nothing."""
+    (channel.install_channel) adds sae-steer's; where vLLM loads them, the wrapper finds it and adds nothing."""
     module: str = "vllm.v1.sample.logits_processor"
     function: str = "build_logitsprocs"
 
@@ -762,7 +762,7 @@ TOUCH_POINTS: list[TouchPoint] = [
     TouchPoint("CUDAGraphMode.PIECEWISE", Attr("vllm.config", "CUDAGraphMode", "PIECEWISE"),
                "the default graph mode of a steering engine on CUDA"),
     TouchPoint("CUDAGraphMode.has_full_cudagraphs", Method("vllm.config", "CUDAGraphMode", "has_full_cudagraphs"),
-               "engine_config.full_graphs: graph-safe table, telemetry/capture refused"),
+               "engine_options.full_graphs: graph-safe table, telemetry/capture refused"),
     TouchPoint("vllm.platforms.current_platform", Name("vllm.platforms", "current_platform"),
                "engine_config: CUDA-only graph choices"),
     TouchPoint("Platform.is_cuda_alike", Method("vllm.platforms.interface", "Platform", "is_cuda_alike"),
@@ -860,7 +860,7 @@ TOUCH_POINTS: list[TouchPoint] = [
     TouchPoint("logits-processor entry-point group", Constant(V1_LP, "LOGITSPROCS_GROUP", "vllm.logits_processors"),
                "pyproject.toml registers the processor under this group"),
     TouchPoint("LogitsProcessors", Name(V1_LP, "LogitsProcessors"),
-               "steering_op.install_channel builds the batch's processors with ours added"),
+               "channel.install_channel builds the batch's processors with ours added"),
     TouchPoint("LogitsProcessors.all", Attr("vllm.v1.sample.logits_processor.state", "LogitsProcessors", "all"),
                "install_channel and verify look for the plugin's processor in the batch"),
     TouchPoint("InputBatch.logitsprocs", Attr("vllm.v1.worker.gpu_input_batch", "InputBatch", "logitsprocs"),

@@ -46,12 +46,6 @@ def has_steering(config) -> bool:
     return isinstance(additional, dict) and additional.get(SETTINGS_KEY) is not None
 
 
-def full_graphs(config) -> bool:
-    """Does this engine replay the op from full CUDA graphs (so its host-side work cannot run)?"""
-    mode = config.compilation_config.cudagraph_mode
-    return mode is not None and mode.has_full_cudagraphs()
-
-
 @functools.lru_cache(maxsize=1)
 def plugin_code_hash() -> str:
     root = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ steered tokens with the reference).
 Speculative decoding is served: the target model's forward carries the edit at every position it
 verifies (draft tokens are positions of the same rows, in the same token -> row map), so the accepted
 tokens are those of the steered model. vLLM builds no entry-point logits processor under it, so the
-worker adds ours itself (steering_op.install_channel). What it cannot do there is refused per request:
+worker adds ours itself (channel.install_channel). What it cannot do there is refused per request:
 `logit` interventions (the rejection sampler applies no logits processor to draft positions) and
 telemetry / capture (they would record rejected draft tokens).
 """
@@ -73,9 +73,14 @@ def logit_refusal(config) -> str | None:
     return None
 
 
+def full_graphs(config) -> bool:
+    """Does this engine replay the op from full CUDA graphs (so its host-side work cannot run)?"""
+    mode = config.compilation_config.cudagraph_mode
+    return mode is not None and mode.has_full_cudagraphs()
+
+
 def observe_refusal(config) -> str | None:
     """Why this engine cannot serve telemetry and capture requests, or None."""
-    from sae_steer.vllm_plugin.engine_config import full_graphs
     if full_graphs(config):
         return ("this engine replays steering from full CUDA graphs, where telemetry and capture cannot run: serve "
                 "them with cudagraph_mode PIECEWISE (the default for steering engines) or NONE")

@@ -27,7 +27,8 @@ def facts_for(config) -> ModelFacts | None:
     raw = (config.additional_config or {}).get(SETTINGS_KEY)
     if raw is None:
         return None
-    from sae_steer.vllm_plugin import adapters, engine_options, require_complete
+    from sae_steer.vllm_plugin import adapters, engine_options
+    from sae_steer.vllm_plugin.wiring import require_complete
     require_complete()
     adapters.family_of(config.model_config.architectures)  # an unknown family is refused by name
     engine_options.refuse_unsupported(config)

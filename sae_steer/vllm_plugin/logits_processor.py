@@ -28,9 +28,8 @@ except ImportError:  # pragma: no cover - older vLLM: V1 only
 
 from sae_steer.registry import Registry
 from sae_steer.spec import LogitIntervention, SteeringError, parse_capture, parse_steering, parse_telemetry
-from sae_steer.vllm_plugin import adapters, engine_config, facts, frontend, observers, slot_stats, steering_op
+from sae_steer.vllm_plugin import adapters, engine_options, facts, frontend, observers, slot_stats, steering_op, wiring
 from sae_steer.vllm_plugin.logit_bias import LogitBias, head_of_vllm
-from sae_steer.vllm_plugin import install_worker_hooks
 from sae_steer.vllm_plugin.table import SteeringTable
 
 logger = logging.getLogger("vllm.sae_steer")
@@ -117,7 +116,8 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         if self.facts is None:
             return
         # Only engines that ask for steering wire the op into the worker (see vllm_plugin/__init__.py).
-        install_worker_hooks()
+        wiring.install("the worker hooks", steering_op.install_worker_hooks)
+        wiring.require_complete()
         settings = facts.settings_of(vllm_config)
         registry = Registry.load(settings, device)
         compilation = vllm_config.compilation_config
@@ -127,7 +127,7 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         self.table = SteeringTable(registry, sorted(self.facts.steerable_layers),
                                    max_rows=vllm_config.scheduler_config.max_num_seqs, max_tokens=max_tokens,
                                    max_edits=self.facts.max_interventions, d_model=self.facts.d_model, device=device,
-                                   graph_safe=engine_config.full_graphs(vllm_config))
+                                   graph_safe=engine_options.full_graphs(vllm_config))
         steering_op.set_table(self.table)
         if registry.saes and self.facts.logit_refusal is None:
             self.registry = registry

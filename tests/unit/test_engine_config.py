@@ -24,7 +24,8 @@ def test_register_changes_no_environment_variable():
             " 'vllm.entrypoints.openai.chat_completion.protocol'):\n"
             "    __import__(m)\n"
             "before = dict(os.environ)\n"
-            "from sae_steer.vllm_plugin import register, missing_pieces\n"
+            "from sae_steer.vllm_plugin import register\n"
+            "from sae_steer.vllm_plugin.wiring import missing_pieces\n"
             "register()\n"
             "assert not missing_pieces, missing_pieces\n"
             "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
@@ -77,7 +78,8 @@ def test_cuda_graph_choices(asked, expected):
     """Unset stays unset, for vLLM's post-init to pick its own default (FULL_AND_PIECEWISE), as for an engine
     without the plugin; an explicit mode is kept; the op always becomes a split point of piecewise graphs."""
     from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
-    from sae_steer.vllm_plugin.engine_config import STEERING_OP, choose_graph_settings, full_graphs
+    from sae_steer.vllm_plugin.engine_config import STEERING_OP, choose_graph_settings
+    from sae_steer.vllm_plugin.engine_options import full_graphs
     cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE,
                            cudagraph_mode=None if asked is None else CUDAGraphMode[asked])
     choose_graph_settings(cc, cuda=True, before_post_init=True)
@@ -110,14 +112,14 @@ def test_no_cuda_no_graph_mode_is_chosen():
 def test_a_missing_vllm_internal_disables_the_plugin_and_refuses_steering(monkeypatch):
     """A vLLM where a wrapped internal moved: register() logs and goes on; an engine with settings refuses."""
     plugin = importlib.import_module("sae_steer.vllm_plugin")
-    from sae_steer.vllm_plugin import engine_config
-    monkeypatch.setattr(plugin, "missing_pieces", [])
+    from sae_steer.vllm_plugin import engine_config, wiring
+    monkeypatch.setattr(wiring, "missing_pieces", [])
 
     def moved():
         raise LookupError("vllm.config.VllmConfig._get_v2_model_runner_unsupported_features")
 
     monkeypatch.setattr(engine_config, "install", moved)
     plugin.register()  # does not raise: vLLM still starts
-    assert plugin.missing_pieces and "_get_v2_model_runner_unsupported_features" in plugin.missing_pieces[0]
+    assert wiring.missing_pieces and "_get_v2_model_runner_unsupported_features" in wiring.missing_pieces[0]
     with pytest.raises(RuntimeError, match="_get_v2_model_runner_unsupported_features"):
-        plugin.require_complete()
+        wiring.require_complete()

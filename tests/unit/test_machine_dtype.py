@@ -71,3 +71,30 @@ def test_the_override_wins_and_the_choice_is_said_once(monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == ["[sae-steer] dtype float32: --dtype",
                    "[sae-steer] dtype bfloat16: the CPU computes bfloat16 natively"]
+
+
+@pytest.mark.parametrize("given, added", [([], ["--dtype", "float32"]), (["--dtype", "bfloat16"], []),
+                                          (["--dtype=float16"], [])])
+def test_serve_passes_a_given_dtype_and_adds_the_machines_otherwise(tmp_path, monkeypatch, given, added):
+    """`sae-steer serve` hands vLLM's server the arguments it was given, plus this machine's --dtype when none
+    was given (vLLM's own default would be the checkpoint's dtype). vLLM's launcher is replaced by one that
+    records its argv: what is checked is the command line the server would start with."""
+    import sys
+    import types
+
+    from sae_steer import cli
+    from sae_steer.vllm_plugin.observers import RUNTIME_DIR_ENV
+    launched = []
+    launcher = types.ModuleType("vllm.entrypoints.launchers.api_server.entry")
+    launcher.main = lambda: launched.append(list(sys.argv))
+    monkeypatch.setitem(sys.modules, launcher.__name__, launcher)
+    monkeypatch.setattr(machine_dtype, "default_dtype", lambda: ("float32", "no native bfloat16 (test)"))
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv(RUNTIME_DIR_ENV, str(runtime))
+    monkeypatch.setenv("VLLM_PLUGINS", "")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    cli.serve(["/models/m", "--port", "8001", *given])
+    argv = launched[0]
+    assert argv[:3] == ["sae-steer serve", "--model", "/models/m"] and argv[3] == "--additional-config"
+    assert argv[5:] == [*added, "--port", "8001", *given]

@@ -9,9 +9,9 @@ split alternately into a *selection* half and a *test* half), the served model a
     prompt    the instruction + "Mention cold weather, snow or winter in your answer." (the prompting baseline)
     caa       a CAA vector (mean difference over local contrast pairs of each text's stream averaged over its
               positions, built on this engine through its own capture path: build_caa_vector) at each layer x coef
-    sae       residual `add` of one SAE feature (found by searching the SAE's feature records for the concept's
-              words; without a good hit there, the feature whose decoder row is most aligned with the CAA vector
-              at the SAE's layer: pick_feature), strengths chosen so that the edit's norm equals coef x |CAA vector|
+    sae       residual `add` of one SAE feature (pick_feature: of the features whose top contexts mostly fire
+              on the concept's words, the one whose decoder row is most aligned with the CAA vector at the SAE's
+              layer; without such features, the feature-records search's best hit or the best-aligned row), strengths chosen so that the edit's norm equals coef x |CAA vector|
               at that layer
     logit     the same feature's logit-space steering, strength in logits at its most promoted token
 
@@ -60,6 +60,7 @@ FLUENCY_NLL_MARGIN = (0.5, 1.5)  # nats/token above the unsteered median: <= fir
 REPETITION_CAP = (0.5, 0.8)  # distinct word-trigram ratio: below first -> 0, below second -> at most 1
 RELEVANCE_PMI_FRACTION = (0.5, 0.2)  # of the unsteered median pmi: >= first -> 2, >= second -> 1
 MIN_RECORD_SCORE = 3  # feature-records search score a feature needs to be picked (pick_feature)
+MIN_CONTEXTS_ON_CONCEPT = 4  # of a feature's top contexts (8 by default) firing on a concept word (pick_feature)
 RELEVANCE_BASE_FLOOR = 0.05  # nats/token: the base pmi used when the unsteered answers' median is below it
 BOOTSTRAP_SAMPLES = 2000  # resamples of the test instructions for the intervals
 
@@ -267,15 +268,36 @@ def interpretability_check(sae_dir: str | Path, names: list[str] | None = None) 
     return out
 
 
+def concept_feature_candidates(book, concept: Concept) -> list[int]:
+    """Features whose top contexts mostly fire on a word of the concept (its word list and search words, whole
+    words: feature_records.word_at): at least MIN_CONTEXTS_ON_CONCEPT of them."""
+    from sae_steer.feature_records import word_at
+    lexicon = {_norm(w.lower()) for w in concept.words + concept.search_words}
+    return [r["index"] for r in book.records
+            if sum(_norm(word_at(c["tokens"], c["at"])) in lexicon for c in r["contexts"]) >= MIN_CONTEXTS_ON_CONCEPT]
+
+
 def pick_feature(sae, sae_dir: Path | None, concept: Concept, caa: dict[int, torch.Tensor]) -> tuple[int, str]:
-    """The SAE feature to steer with: the best hit of a feature-records search for the concept's words when it
-    scores at least MIN_RECORD_SCORE (3: one top context firing on a concept word, or more), else the decoder
-    row most aligned (cosine) with the CAA vector at the SAE's layer. A weaker hit (a word somewhere in a
-    context) says little: an SAE fitted on text without the concept has no feature for it to find."""
+    """The SAE feature to steer with. With feature records beside the SAE: among the features whose top contexts
+    mostly fire on the concept's words (concept_feature_candidates), the one whose decoder row is most aligned
+    (cosine) with the CAA vector at the SAE's layer; without such features, the best hit of the search for the
+    concept's words when it scores at least MIN_RECORD_SCORE; else the decoder row most aligned with the CAA
+    vector. Why not simply the search's best hit: on a small SAE that is a one-word detector (SmolLM2 L15:
+    feature 3101 fires on "ice" in all its top contexts and adding it brings no cold word, at any strength),
+    while a feature firing on several of the concept's words and pointing where the contrast pairs point
+    (feature 1961, "frozen, icy") steers toward the concept."""
     from sae_steer.feature_records import RECORDS_FILE, FeatureRecords
+    v = caa.get(sae.layer)
     weak = ""
     if sae_dir is not None and (sae_dir / RECORDS_FILE).is_file():
         book = FeatureRecords.load(sae_dir)
+        candidates = concept_feature_candidates(book, concept)
+        if candidates and v is not None:
+            cos = torch.nn.functional.cosine_similarity(sae.W_dec[candidates].float(), v.float()[None], dim=-1)
+            best = candidates[int(cos.argmax())]
+            return best, (f"{len(candidates)} features fire on the concept's words in >= {MIN_CONTEXTS_ON_CONCEPT} "
+                          f"of their top contexts; the one most aligned with the CAA vector at layer {sae.layer}: "
+                          f"feature {best} (cosine {float(cos.max()):.3f}, label {book.get(best).get('label')!r})")
         best, totals = search_concept(book, concept)
         if best is not None and totals[best] >= MIN_RECORD_SCORE:
             return best, (f"feature records search for {concept.search_words}: feature {best} "
@@ -283,7 +305,6 @@ def pick_feature(sae, sae_dir: Path | None, concept: Concept, caa: dict[int, tor
         weak = (f"feature records search for {concept.search_words}: best hit "
                 + (f"feature {best}, score {totals[best]} (label {book.get(best).get('label')!r})" if best is not None
                    else "none") + f", below {MIN_RECORD_SCORE}; ")
-    v = caa.get(sae.layer)
     if v is None:
         raise ValueError(f"no feature records beside the SAE and no CAA vector at its layer {sae.layer} to pick a "
                          f"feature with")

@@ -79,3 +79,31 @@ def test_interpretability_check_finds_the_concepts_feature_and_reads_its_label(t
     assert not got["joy"]["label_says"] and not got["joy"]["passed"]
     assert got["pirate"] == {"feature": None, "passed": False, "search_words": got["pirate"]["search_words"]}
     assert json.dumps(got)  # goes into metrics.json
+
+
+def test_pick_feature_prefers_a_concept_feature_aligned_with_the_caa_vector(tmp_path):
+    """Of the features whose top contexts mostly fire on concept words, the one pointing where the CAA vector
+    points; the search's top hit (a one-word detector here) is not taken just for scoring highest."""
+    import torch
+
+    from sae_steer.evaluate import load_concept, pick_feature, search_concept
+    from sae_steer.feature_records import save_feature_records
+    from sae_steer.sae import SparseAutoencoder
+    records = [
+        _record([([" the", " ice"], 1)] * 8, [" ice"]),  # fires on "ice" everywhere: the search's best
+        _record([([" a", " frozen"], 1)] * 3 + [([" so", " icy"], 1)] * 3 + [([" the", " road"], 1)] * 2, [" the"]),
+        _record([([" a", " frozen"], 1)] * 3 + [([" the", " road"], 1)] * 5, [" the"]),  # 3 of 8: not a candidate
+    ]
+    for i, r in enumerate(records):
+        r["index"], r["label"] = i, auto_label(r)
+    save_feature_records(records, tmp_path)
+    W_dec = torch.eye(3, 4)
+    sae = SparseAutoencoder(architecture="relu", W_enc=W_dec.T.contiguous(), b_enc=torch.zeros(3), W_dec=W_dec,
+                            b_dec=torch.zeros(4), layer=2)
+    cold = load_concept("cold")
+    from sae_steer.feature_records import FeatureRecords
+    assert search_concept(FeatureRecords.load(tmp_path), cold)[0] == 0
+    caa = {2: torch.tensor([0.3, 1.0, 2.0, 0.0])}  # closest to feature 2's row, then 1's, then 0's
+    feature, note = pick_feature(sae, tmp_path, cold, caa)
+    assert feature == 1 and "2 features" in note  # 2 is closer but fires on the concept in only 3 contexts
+    assert pick_feature(sae, tmp_path, cold, {2: torch.tensor([1.0, 0.0, 0.0, 0.0])})[0] == 0

@@ -136,6 +136,32 @@ def test_caa_vector_equals_hugging_face(calibrated, artifacts, positions):
         assert torch.allclose(got[layer], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+def test_corpus_builder_answers_each_instruction_with_its_own_seed(calibrated):
+    """make_corpus: one sampled answer per instruction, in order, instruction i sampled with seed + i (the
+    same text as that request sent alone), batches reported, and an interrupted run resumed as it was."""
+    from vllm import SamplingParams
+
+    from sae_steer.corpus import instruction_set, make_corpus
+    from sae_steer.evaluate import render
+    instructions = instruction_set(5, seed=1)
+    seen = []
+    rows = make_corpus(calibrated, instructions, max_tokens=6, seed=7, batch=2, progress=False,
+                       on_batch=lambda r: seen.append(len(r)))
+    assert [r["instruction"] for r in rows] == instructions and seen == [2, 4, 5]
+    tok = calibrated.get_tokenizer()
+    for i in (0, 3):
+        alone = calibrated.generate([{"prompt_token_ids": render(tok, instructions[i])}],
+                                    SamplingParams(max_tokens=6, temperature=0.7, top_p=0.95, seed=7 + i),
+                                    use_tqdm=False)[0].outputs[0]
+        assert rows[i]["text"] == alone.text.strip() and rows[i]["tokens"] == len(alone.token_ids)
+    assert len({r["text"] for r in rows}) > 1  # sampled: not one answer repeated
+    assert make_corpus(calibrated, instructions, max_tokens=6, seed=7, batch=2, done=rows[:3], progress=False) == rows
+    with pytest.raises(ValueError, match="interrupted"):
+        make_corpus(calibrated, instructions[1:], max_tokens=6, seed=7, done=rows[:3], progress=False)
+
+
+# the tests below start and close engines of their own: in one process that ends the shared fixture's
+# parallel state, so every test using `calibrated` comes before them
 def test_run_eval_writes_results_and_calibration(artifacts, tmp_path):
     from sae_steer import evaluate
     sae = shutil.copy(artifacts.saes["relu-l1"], tmp_path / "relu-l1")
@@ -178,30 +204,6 @@ def test_run_eval_writes_results_and_calibration(artifacts, tmp_path):
     sae_cal = load_calibration(sae, "sae")["features"][str(result["feature"])]
     assert sae_cal["add"]["strength"] == result["points"][result["chosen"]["sae"]]["strength"]
     assert sae_cal["logit"]["strength"] == 3.0
-
-
-def test_corpus_builder_answers_each_instruction_with_its_own_seed(calibrated):
-    """make_corpus: one sampled answer per instruction, in order, instruction i sampled with seed + i (the
-    same text as that request sent alone), batches reported, and an interrupted run resumed as it was."""
-    from vllm import SamplingParams
-
-    from sae_steer.corpus import instruction_set, make_corpus
-    from sae_steer.evaluate import render
-    instructions = instruction_set(5, seed=1)
-    seen = []
-    rows = make_corpus(calibrated, instructions, max_tokens=6, seed=7, batch=2, progress=False,
-                       on_batch=lambda r: seen.append(len(r)))
-    assert [r["instruction"] for r in rows] == instructions and seen == [2, 4, 5]
-    tok = calibrated.get_tokenizer()
-    for i in (0, 3):
-        alone = calibrated.generate([{"prompt_token_ids": render(tok, instructions[i])}],
-                                    SamplingParams(max_tokens=6, temperature=0.7, top_p=0.95, seed=7 + i),
-                                    use_tqdm=False)[0].outputs[0]
-        assert rows[i]["text"] == alone.text.strip() and rows[i]["tokens"] == len(alone.token_ids)
-    assert len({r["text"] for r in rows}) > 1  # sampled: not one answer repeated
-    assert make_corpus(calibrated, instructions, max_tokens=6, seed=7, batch=2, done=rows[:3], progress=False) == rows
-    with pytest.raises(ValueError, match="interrupted"):
-        make_corpus(calibrated, instructions[1:], max_tokens=6, seed=7, done=rows[:3], progress=False)
 
 
 def test_eval_over_concepts_summarizes_means_ratios_and_doses(artifacts, tmp_path):

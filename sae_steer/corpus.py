@@ -34,7 +34,8 @@ LOCAL_EVERY = 10  # one licence/docstring chunk after every 10 model-written tex
 # Subjects of everyday life, grouped by topic; the eval's concepts (sae_steer/data/concepts.json) are among them.
 TOPICS: dict[str, list[str]] = {
     "winter and cold weather": ["a snowy winter morning", "a cold winter night", "a blizzard in the mountains",
-                                "ice skating on a frozen lake", "building a snowman", "staying warm in freezing weather"],
+                                "ice skating on a frozen lake", "building a snowman",
+                                "staying warm in freezing weather"],
     "summer and hot weather": ["a hot summer afternoon", "a heatwave in the city", "a sunny day at the park",
                                "summer holidays"],
     "rain, storms and seasons": ["a rainy autumn day", "a thunderstorm at night", "the first day of spring",

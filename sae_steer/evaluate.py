@@ -722,7 +722,8 @@ def run_eval_concepts(llm, concepts: list[Concept], *, results_dir: str | Path |
     meta = {"model_name": r0["model_name"], "date": r0["date"], "device": r0["device"],
             "dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
             "n_instructions": len(r0["instructions"]), "n_test": len(r0["split"]["test"]),
-            "max_tokens": r0["max_tokens"], "layers": sorted({p["layer"] for p in r0["points"] if p["method"] == "caa"}),
+            "max_tokens": r0["max_tokens"],
+            "layers": sorted({p["layer"] for p in r0["points"] if p["method"] == "caa"}),
             "coefs": sorted({p["multiple"] for p in r0["points"] if p["method"] == "caa"}),
             "logit_strengths": [p["strength"] for p in r0["points"] if p["method"] == "logit"],
             "seconds": time.monotonic() - t0}

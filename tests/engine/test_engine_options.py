@@ -73,19 +73,18 @@ def write_eagle_head(model_dir, out_dir):
 def speculative(request, artifacts, tmp_path_factory):
     # In its own engine-core process: the n-gram proposer imports numba, whose llvmlite objects break the kernel
     # scan of every later engine built in the same process (vLLM's triton_utils.dispatcher).
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     spec = {"ngram": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1},
             # the drafter is the unsteered model: steered rows reject its drafts wherever steering moved a token
             "draft_model": {"method": "draft_model", "model": str(artifacts.model), "num_speculative_tokens": 3},
             "eagle": {"method": "eagle", "num_speculative_tokens": 3}}[request.param]
     if request.param == "eagle":
         spec["model"] = str(write_eagle_head(artifacts.model, tmp_path_factory.mktemp("eagle") / "head"))
-    engine = make_llm(artifacts, "eager", speculative_config=spec, disable_log_stats=False)
+    with pytest.MonkeyPatch.context() as mp:  # only while the engine is built: later tests build theirs in-process
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+        engine = make_llm(artifacts, "eager", speculative_config=spec, disable_log_stats=False)
     engine.sae_steer_method = request.param
     yield engine
     close(engine)
-    mp.undo()
 
 
 def test_speculative_decoding_steers_exactly(speculative, reference):
@@ -254,8 +253,10 @@ def test_an_engine_whose_batch_lacks_the_steering_channel_refuses_to_start(artif
     """Whatever vLLM decides about logits processors (here: a build that drops sae-steer's after it was made),
     a steering engine whose batch does not feed the steering table refuses to start."""
     import vllm.v1.worker.gpu_model_runner as runner_module
+    from vllm.plugins import load_general_plugins
 
     from sae_steer.vllm_plugin.logits_processor import SteeringLogitsProcessor
+    load_general_plugins()  # sae-steer's wrapper first (as in any engine), then this build around it
     build = runner_module.build_logitsprocs
 
     def without_ours(*args, **kwargs):

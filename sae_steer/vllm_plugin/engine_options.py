@@ -83,7 +83,7 @@ def observe_refusal(config) -> str | None:
     """Why this engine cannot serve telemetry and capture requests, or None."""
     if full_graphs(config):
         return ("this engine replays steering from full CUDA graphs, where telemetry and capture cannot run: serve "
-                "them with cudagraph_mode PIECEWISE (the default for steering engines) or NONE")
+                "them with cudagraph_mode PIECEWISE (-cc.cudagraph_mode=PIECEWISE) or NONE")
     if speculative(config):
         return ("this engine runs speculative decoding, where telemetry and capture would record draft tokens that "
                 "are then rejected: serve them from an engine without speculative_config")

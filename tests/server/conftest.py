@@ -73,7 +73,7 @@ def serve_args(artifacts, vector_dir: Path) -> list[str]:
     args = [sys.executable, "-m", "sae_steer.cli", "serve", str(artifacts.model), "--dtype", "float32",
             "--max-model-len", "512", "--block-size", "32", "--max-num-seqs", "32", "--seed", "0",
             "--enforce-eager", "--served-model-name", "tiny", "--steering-admin-key", ADMIN_KEY, "--steering-vector-dir", str(vector_dir),
-            "--steering-layers", "2"]
+            "--steering-layers", "2", "--steering-weight-dtype", "float32"]  # the flag reaches the settings parser
     labels = vector_dir.parent / "relu-l1-labels.json"
     labels.write_text(json.dumps(LABELS))
     args += ["--additional-config", json.dumps({"sae_steer": {"labels": {"relu-l1": str(labels)}}})]

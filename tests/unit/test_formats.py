@@ -390,6 +390,14 @@ def test_memory_budget_is_checked_from_headers(tmp_path):
         settings(max_memory_mb=-1)
 
 
+def test_sae_weight_dtype_setting():
+    assert settings().sae_weight_dtype == "serving"
+    assert settings(sae_weight_dtype="float32").sae_weight_dtype == "float32"
+    for bad in ("bfloat16", None, ["serving"]):
+        with pytest.raises(ValueError, match=r"additional_config\.sae_steer\.sae_weight_dtype must be one of"):
+            settings(sae_weight_dtype=bad)
+
+
 def test_explicit_layers_and_model_checks(tmp_path):
     one = tmp_path / "one.npy"
     np.save(one, np.ones(D, dtype=np.float32))

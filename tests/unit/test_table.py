@@ -3,6 +3,7 @@ histories with additions, removals, swaps and moves, like vLLM's persistent batc
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from sae_steer.edits import steer_residual
 from sae_steer.registry import Registry
 from sae_steer.spec import Steering
 from sae_steer.tiny_model import random_sae
-from sae_steer.vllm_plugin.table import SteeringTable
+from sae_steer.vllm_plugin.table import SteeringTable, packed_weight_dtype
 
 D, F, ROWS, LAYERS = 32, 48, 8, [0, 1, 2]
 MAX_TOKENS = 64  # 8 rows x up to 7 tokens + up to 3 padding tokens
@@ -150,6 +151,47 @@ def test_the_table_holds_each_sae_once():
         assert torch.equal(sae.W_enc, fresh.saes[name].W_enc) and torch.equal(sae.W_dec, fresh.saes[name].W_dec)
         x = torch.randn(5, D)
         assert torch.allclose(sae.encode(x), fresh.saes[name].encode(x), atol=1e-6), name
+
+
+def test_packed_weights_in_the_serving_dtype_keep_the_fp32_registry_and_match_the_reference():
+    """sae_weight_dtype "serving" on a GPU: the packed copy in the model's half dtype, the registry's fp32
+    weights untouched beside it (telemetry encodes with them), and the steering equal to the per-request
+    reference computed with the weights rounded to that dtype (the rounding is the only difference)."""
+    assert packed_weight_dtype("serving", torch.device("cuda"), torch.bfloat16) == torch.bfloat16
+    assert packed_weight_dtype("serving", torch.device("cuda", 1), torch.float16) == torch.float16
+    assert packed_weight_dtype("float32", torch.device("cuda"), torch.bfloat16) == torch.float32
+    assert packed_weight_dtype("serving", torch.device("cuda"), torch.float32) == torch.float32
+    assert packed_weight_dtype("serving", torch.device("cpu"), torch.bfloat16) == torch.float32
+    reg, fp32 = registry(), registry()
+    table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=8, d_model=D,
+                          device=torch.device("cpu"), graph_safe=True, weight_dtype=torch.float16)
+    assert all(d.enc.dtype == d.dec.dtype == torch.float16 for d in table.dictionaries)
+    for name, sae in reg.saes.items():
+        assert sae.W_enc.dtype == torch.float32 and torch.equal(sae.W_enc, fp32.saes[name].W_enc), name
+    packed_bytes = sum(d.enc.nbytes + d.dec.nbytes for d in table.dictionaries)
+    registry_bytes = sum(s.W_enc.nbytes + s.W_dec.nbytes for s in reg.saes.values())
+    assert table.nbytes >= packed_bytes + registry_bytes, "nbytes counts the fp32 copy beside the packed one"
+    rounded = {n: replace(s, W_enc=s.W_enc.half().float(), W_dec=s.W_dec.half().float()) for n, s in fp32.saes.items()}
+    rng = random.Random(3)
+    rows: list = [None] * ROWS
+    for _ in range(12):
+        added, removed, moved, n_live = next_batch(rng, rows)
+        table.update(added, removed, moved)
+        qsl, positions = random_chunks(rng, n_live)
+        hidden, residual = torch.randn(int(qsl[-1]), D), torch.randn(int(qsl[-1]), D)
+        table.prepare_step(qsl)
+        for layer in LAYERS:
+            out = table.apply(layer, hidden, residual, positions)
+            for i in range(n_live):
+                steering, prompt_len = rows[i]
+                seg = slice(int(qsl[i]), int(qsl[i + 1]))
+                if steering is None:
+                    assert torch.equal(out[seg], hidden[seg])
+                    continue
+                x = hidden[seg] + residual[seg]
+                # x itself is not rounded on this path (the CPU matmul upcasts the weights): only the weights are
+                ref = steer_residual(x, positions[seg], prompt_len, layer, steering, rounded, reg.vectors) - residual[seg]
+                torch.testing.assert_close(out[seg], ref, atol=ATOL, rtol=1e-4)
 
 
 def test_the_profiling_run_takes_the_widest_path(monkeypatch):

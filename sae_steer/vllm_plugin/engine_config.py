@@ -12,7 +12,7 @@ For a steering engine:
 - CUDA graphs (CUDA platforms only; the CPU build has none):
     mode left unset      -> vLLM's own default (FULL_AND_PIECEWISE), as for any engine: decode steps replay
                             full graphs with the op inside (see FULL below), mixed batches run piecewise
-                            graphs with the op as a split point.
+                            graphs with the op captured inside them too.
     PIECEWISE            -> the op is added to splitting_ops: its Python body runs at every step between
                             captured pieces, so telemetry and capture work (ask for this mode to serve them).
     FULL, FULL_DECODE_ONLY, FULL_AND_PIECEWISE
@@ -20,7 +20,9 @@ For a steering engine:
                             graph-safe path (fixed-address buffers updated in place before each step, one
                             kernel per layer reading the live counts on the device), so steering is replayed
                             exactly; telemetry and capture, which need the host at every step, are refused at
-                            admission with a 400 naming the field (logits_processor.validate_params).
+                            admission with a 400 naming the field (logits_processor.validate_params). Being
+                            graph-safe, the op is not made a split point: the piecewise graphs of mixed
+                            batches capture it too, with no extra piece per steerable layer.
     NONE                 -> eager op, nothing to do.
 - compile cache: vLLM keys its saved graphs by the config's hash, which does not see the plugin's
   code. The hash of a steering engine also covers sae-steer's version and the source of the op,
@@ -69,13 +71,14 @@ def choose_graph_settings(compilation_config, cuda: bool, before_post_init: bool
                         "steering (graph-safe table), and telemetry/capture requests are refused; serve them with "
                         "-cc.cudagraph_mode=PIECEWISE")
         return
-    if compilation_config.mode == CompilationMode.VLLM_COMPILE and compilation_config.splitting_ops is not None \
-            and STEERING_OP not in compilation_config.splitting_ops:
-        compilation_config.splitting_ops.append(STEERING_OP)
     mode = compilation_config.cudagraph_mode
     if mode is not None and mode.has_full_cudagraphs():
-        logger.info("sae-steer: cudagraph_mode %s: steering runs inside full CUDA graphs (graph-safe table); "
-                    "telemetry and capture requests are refused", mode.name)
+        logger.info("sae-steer: cudagraph_mode %s: steering runs inside full CUDA graphs (graph-safe table, so the "
+                    "op is no split point of the piecewise ones either); telemetry and capture requests are refused",
+                    mode.name)
+    elif compilation_config.mode == CompilationMode.VLLM_COMPILE and compilation_config.splitting_ops is not None \
+            and STEERING_OP not in compilation_config.splitting_ops:
+        compilation_config.splitting_ops.append(STEERING_OP)
 
 
 def install() -> None:

@@ -49,9 +49,8 @@ def set_table(table) -> None:
     _table = table
 
 
-@torch.library.custom_op("sae_steer::steer_residual", mutates_args=())
 def steer_residual(hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> torch.Tensor:
-    """hidden [T, d] -> hidden + this step's steering delta for every token.
+    """hidden [T, d] -> hidden + this step's steering delta for every token (a new tensor, never an alias).
 
     The residual stream is hidden + residual (blocks that defer the residual add), or hidden alone
     (residual None: blocks that return the whole stream). residual is read only."""
@@ -62,9 +61,14 @@ def steer_residual(hidden: torch.Tensor, residual: torch.Tensor | None, layer: i
     return _table.apply(layer, hidden, residual, _runner.positions[: hidden.shape[0]])
 
 
-@steer_residual.register_fake
-def _(hidden, residual, layer):
-    return torch.empty_like(hidden)
+# Defined with torch.library.Library rather than the @custom_op decorator: the decorator's Python wrapper costs
+# ~7 us of host time per call on top of the body, the plain definition ~1.5 us, and an op that runs eagerly (no
+# CUDA graphs, or as a piecewise split point) pays it at every steerable layer of every step. The same
+# functional schema, one implementation for every device, and a shape-only version for tracing.
+_LIB = torch.library.Library("sae_steer", "DEF")
+_LIB.define("steer_residual(Tensor hidden, Tensor? residual, int layer) -> Tensor")
+_LIB.impl("steer_residual", steer_residual, "CompositeExplicitAutograd")
+torch.library.register_fake("sae_steer::steer_residual", lib=_LIB)(lambda hidden, residual, layer: torch.empty_like(hidden))
 
 
 # ---- wiring into the worker (V1 model runner), installed by steering engines only ----

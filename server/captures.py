@@ -62,7 +62,8 @@ async def capture(body: CaptureRequest, raw_request: Request):
                 sum(len(ids) for _, ids in docs), layers)
     start = time.monotonic()
 
-    writer = await asyncio.to_thread(ShardWriter, out_dir, layers, SHARD_TOKENS, torch.float16)
+    # bfloat16, as `sae-steer capture` stores it: float16 overflows on streams like Gemma 3's (norms of 10^4-10^5)
+    writer = await asyncio.to_thread(ShardWriter, out_dir, layers, SHARD_TOKENS, torch.bfloat16)
     batch = 64  # texts in flight at once (the capture slots bound the engine requests); shards in text order
     for b in range(0, len(docs), batch):
         chunk = docs[b:b + batch]

@@ -2,10 +2,11 @@
 capturable layer, optionally under a request's steering (the playground draws both grids).
 
 One capture request over the prompt (the engine's steering op records the residual stream x at each chosen
-layer, as the capture route does), then, for each position and layer, the final norm and unembedding:
-p = softmax(W_U (g * n(x))) with n(x) = x / rms(x) (centered first for LayerNorm families), the formula of
-LogitHead.logit_lens applied to the normalized stream. A LayerNorm's bias is not read (the checkpoint head
-has gains only), so for GPT-2 / GPT-NeoX the probabilities are those of the model without that bias.
+layer, as the capture route does), then, for each position and layer, the model's own final norm and
+unembedding (LogitHead.logits, read from the checkpoint and its config): p = softmax(cap(W_U (g * n(x) + b)))
+with n(x) = x / sqrt(mean(x^2) + eps), x centered first and b the norm's bias for LayerNorm families (GPT-2,
+GPT-NeoX; RMSNorm has no bias), eps the model's, cap Gemma 2's logit soft-cap. At the last layer that is the
+model's own next-token distribution.
 
 It needs no admin key: it writes nothing, and its engine work is a completion of one token over the same prompt
 (one prefill, cut to `max_positions` tokens, through the same capture slots as CAA builds); the unembedding runs
@@ -17,7 +18,6 @@ import asyncio
 from http import HTTPStatus
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
@@ -28,7 +28,6 @@ from sae_steer.spec import SteeringError, check_capture_layers
 
 router = APIRouter()
 MAX_PROMPT_CHARS = 4096
-RMS_EPS = 1e-6
 LENS_SLOTS = asyncio.Semaphore(2)  # lens unembeddings at once: [positions, vocab] matmuls per layer, on CPU
 
 
@@ -70,11 +69,7 @@ async def logit_lens(body: LensRequest, raw_request: Request):
     def cells():  # [n, vocab] matmuls per layer: off the event loop
         grid = []
         for L in layers:
-            x = acts[L].float()
-            if head.centered:
-                x = x - x.mean(dim=-1, keepdim=True)
-            x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
-            top = head.logit_lens(x).softmax(dim=-1).topk(body.top_k, dim=-1)
+            top = head.logits(acts[L]).softmax(dim=-1).topk(body.top_k, dim=-1)
             grid.append([[{"token": tok.decode([t]), "token_id": t, "prob": p}
                           for t, p in zip(ti, pi)] for ti, pi in zip(top.indices.tolist(), top.values.tolist())])
         return grid

@@ -149,8 +149,9 @@ class SteeringState:
             return self._saes[name]
 
     def logit_head(self) -> LogitHead:
-        """The served model's final-norm gain and unembedding, read from its safetensors by its family's names
-        on first use; LogitLensUnavailable, saying what is missing, where they cannot be read."""
+        """The served model's final norm (gain, LayerNorm's bias, epsilon) and unembedding, read from its
+        safetensors by its family's names and from its config on first use; LogitLensUnavailable, saying what
+        is missing, where they cannot be read."""
         with self._load_lock:
             if self._head is None:
                 try:

@@ -41,6 +41,7 @@ class Head:
     unembed: str = "lm_head"  # vLLM module whose `weight` is the unembedding [vocab (padded), d_model]
     hf_unembed: str = "lm_head"  # the unembedding in the Hugging Face model (and its checkpoint)
     hf_embed: str = "model.embed_tokens"  # the input embedding there: the unembedding of tied checkpoints
+    eps: str = "rms_norm_eps"  # the config key of the final norm's epsilon (the logit lens of a stream)
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,12 @@ FAMILIES: tuple[Family, ...] = (
            "community SAEs on Phi-3-mini"),
     Family("GPT2", ("GPT2LMHeadModel",), "transformer.h", "full", "transformer.h",
            "SAELens gpt2-small-res-jb (resid_pre: layers 0-11 -> our -1..10), OpenAI gpt2-small SAEs, tokenized SAEs",
-           Head("transformer.ln_f", "transformer.ln_f", "layer", hf_embed="transformer.wte")),
+           Head("transformer.ln_f", "transformer.ln_f", "layer", hf_embed="transformer.wte",
+                eps="layer_norm_epsilon")),
     Family("GPTNeoX", ("GPTNeoXForCausalLM",), "model.layers", "full", "gpt_neox.layers",
            "EleutherAI sparsify and dictionary_learning dictionaries on Pythia",
            Head("model.final_layer_norm", "gpt_neox.final_layer_norm", "layer", hf_unembed="embed_out",
-                hf_embed="gpt_neox.embed_in")),
+                hf_embed="gpt_neox.embed_in", eps="layer_norm_eps")),
 )
 
 _BY_ARCHITECTURE = {a: f for f in FAMILIES for a in f.architectures}

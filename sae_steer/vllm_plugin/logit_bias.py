@@ -22,7 +22,9 @@ sees logits, not x, so the size is fixed by the normalization instead; exactly, 
 adding (strength / max|l_i|) * u to the normalized stream x/sigma(x), before the gain, does.
 The result does not depend on |W_dec[i]| or the SAE's scale, so strengths compare across
 features and models, and the ranking of tokens is the feature's logit lens l_i (what the feature route
-serves, through `head_of_checkpoint`).
+serves, through `head_of_checkpoint`). A LayerNorm's bias b adds the same W_U b to every
+token's logits whatever the feature: it is no part of a direction, and only `LogitHead.logits`, the model's
+own logits of a stream (the lens route), adds it.
 "Direct" means the path straight from the stream to the unembedding: what the feature would do
 through later layers is residual steering's business. Models whose logits are soft-capped
 (Gemma 2) get the bias after the cap, on the logits the sampler sees. vLLM runs this before
@@ -39,7 +41,6 @@ This module has no vLLM import: the logits processor translates vLLM's BatchUpda
 """
 from __future__ import annotations
 
-import json
 import operator
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -56,21 +57,43 @@ _VOCAB_CHUNK = 8192
 
 @dataclass(frozen=True)
 class LogitHead:
-    """The served model's unembedding [vocab, d_model] and final-norm gain [d_model] (any dtype)."""
+    """The served model's unembedding [vocab, d_model] and final norm: its gain [d_model] (any dtype), and for
+    the logits of a stream (`logits`, the lens route) its epsilon, a LayerNorm's bias and the logit soft-cap.
+    Directions (`logit_lens`: logit steering, feature records) use the gain alone: a bias is no direction."""
     unembed: torch.Tensor
     gain: torch.Tensor
-    centered: bool  # LayerNorm: the mean of a direction is removed before the gain
+    centered: bool  # LayerNorm: the mean is removed before the gain
+    eps: float | None = None  # the final norm's epsilon; None: a head of directions only (a bare W_U)
+    norm_bias: torch.Tensor | None = None  # a LayerNorm's bias [d_model], added after the gain
+    softcap: float | None = None  # Gemma 2: logits -> softcap * tanh(logits / softcap)
+
+    def _unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """h [k, d_model] float32 -> W_U h per row, [k, vocab] float32 (W_U converted a chunk at a time)."""
+        out = torch.empty(h.shape[0], self.unembed.shape[0], dtype=torch.float32, device=h.device)
+        for start in range(0, self.unembed.shape[0], _VOCAB_CHUNK):
+            out[:, start:start + _VOCAB_CHUNK] = h @ self.unembed[start:start + _VOCAB_CHUNK].float().T
+        return out
 
     def logit_lens(self, directions: torch.Tensor) -> torch.Tensor:
         """directions [k, d_model] -> l = W_U (g * u) per direction, [k, vocab] float32."""
         u = directions.float().to(self.unembed.device)
         if self.centered:
             u = u - u.mean(dim=-1, keepdim=True)
-        h = (u * self.gain.float()).T  # [d_model, k]
-        out = torch.empty(u.shape[0], self.unembed.shape[0], dtype=torch.float32, device=u.device)
-        for start in range(0, self.unembed.shape[0], _VOCAB_CHUNK):
-            out[:, start:start + _VOCAB_CHUNK] = (self.unembed[start:start + _VOCAB_CHUNK].float() @ h).T
-        return out
+        return self._unembed(u * self.gain.float())
+
+    def logits(self, stream: torch.Tensor) -> torch.Tensor:
+        """stream [n, d_model] (the residual stream after a layer) -> the model's logits of it, [n, vocab] float32:
+        its final norm (its epsilon; LayerNorm: centered, plus its bias), the unembedding, the soft-cap."""
+        if self.eps is None:
+            raise ValueError("this LogitHead has no final norm (a bare unembedding): it cannot read a stream")
+        x = stream.float().to(self.unembed.device)
+        if self.centered:
+            x = x - x.mean(dim=-1, keepdim=True)
+        h = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.gain.float()
+        if self.norm_bias is not None:
+            h = h + self.norm_bias.float()
+        out = self._unembed(h)
+        return out if self.softcap is None else self.softcap * torch.tanh(out / self.softcap)
 
     def unit_effects(self, directions: torch.Tensor) -> torch.Tensor:
         """[k, d_model] -> e = l / max|l| per direction, [k, vocab] (a zero direction gives zeros)."""
@@ -97,52 +120,73 @@ def _gain(weight: torch.Tensor | None, family: Family) -> torch.Tensor:
     return 1.0 + weight.float() if family.head.norm == "rms1p" else weight
 
 
-def _head(unembed: torch.Tensor, gain: torch.Tensor, vocab: int, family: Family) -> LogitHead:
+def _norm_bias(bias: torch.Tensor | None, family: Family) -> torch.Tensor | None:
+    # RMSNorm has none; a LayerNorm without one (HF's bias=False, a checkpoint without it) adds zero.
+    return bias if family.head.norm == "layer" and isinstance(bias, torch.Tensor) else None
+
+
+def _eps_and_softcap(config, family: Family) -> tuple[float, float | None]:
+    """The final norm's epsilon and the logit soft-cap (None: uncapped) of a transformers config."""
+    eps = getattr(config, family.head.eps, None)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise RuntimeError(f"sae-steer: the config of this {family.name} model has no `{family.head.eps}` (its "
+                           f"final norm's epsilon)")
+    return float(eps), getattr(config, "final_logit_softcapping", None)
+
+
+def _head(unembed: torch.Tensor, gain: torch.Tensor, vocab: int, family: Family, config,
+          norm_bias: torch.Tensor | None) -> LogitHead:
     if not unembed.is_floating_point() or unembed.dim() != 2 or unembed.shape[0] < vocab:
         raise RuntimeError(f"sae-steer: the unembedding of this {family.name} model is {unembed.dtype} "
                            f"{tuple(unembed.shape)}, not a float [vocab >= {vocab}, d_model] matrix (quantized?): "
                            f"logit steering cannot compute feature effects")
+    eps, softcap = _eps_and_softcap(config, family)
     # vLLM pads the vocabulary of its LM head; the sampler's logits have the first `vocab` columns.
-    return LogitHead(unembed=unembed[:vocab], gain=gain, centered=family.head.norm == "layer")
+    return LogitHead(unembed=unembed[:vocab], gain=gain, centered=family.head.norm == "layer", eps=eps,
+                     norm_bias=_norm_bias(norm_bias, family), softcap=softcap)
 
 
 def head_of_vllm(model: torch.nn.Module, family: Family, vocab: int) -> LogitHead:
-    """The LogitHead of a model vLLM has loaded (tensor parallel size 1: the head is not sharded)."""
+    """The LogitHead of a model vLLM has loaded (tensor parallel size 1: the head is not sharded); the norm's
+    epsilon and the soft-cap from the transformers config vLLM built the model from."""
     unembed = _module(model, family.head.unembed, "the unembedding")
     norm = _module(model, family.head.final_norm, "the final norm")
+    config = _module(model, "config", "its transformers config")
     return _head(getattr(unembed, "weight", torch.empty(0)), _gain(getattr(norm, "weight", None), family), vocab,
-                 family)
+                 family, config, getattr(norm, "bias", None))
 
 
 def head_of_hf(model: torch.nn.Module, family: Family) -> LogitHead:
     """The LogitHead of a Hugging Face transformers causal LM (offline: feature records, references)."""
     norm = _module(model, family.head.hf_final_norm, "the final norm")
     unembed = model.get_output_embeddings().weight
-    return _head(unembed, _gain(getattr(norm, "weight", None), family), unembed.shape[0], family)
+    return _head(unembed, _gain(getattr(norm, "weight", None), family), unembed.shape[0], family, model.config,
+                 getattr(norm, "bias", None))
 
 
 def head_of_checkpoint(model_dir: str | Path) -> LogitHead:
     """The LogitHead of a Hugging Face model folder, read from its safetensors by the family's own names
-    (the API server, which has no model object: the feature route's logit lens). The tensors keep their
-    dtype (LogitHead converts W_U in chunks). A ValueError names what it cannot find."""
+    (the API server, which has no model object: the feature route's and the lens route's logit lens), the
+    norm's epsilon and the soft-cap from its config (transformers' defaults for keys it lacks). The tensors
+    keep their dtype (LogitHead converts W_U in chunks). A ValueError names what it cannot find."""
     from safetensors import safe_open
+    from transformers import AutoConfig
     model_dir = Path(model_dir)
     try:
-        config = json.loads((model_dir / "config.json").read_text())
+        config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read the model's config.json in {model_dir} ({e})") from None
-    family = family_of(config.get("architectures"))
-    # Tied checkpoints (GPT-2, Gemma, small Qwen) store no unembedding: the input embedding is it. A config
-    # without the key has transformers' default, tied.
-    tied = config.get("tie_word_embeddings", True)
+    family = family_of(config.architectures)
+    # Tied checkpoints (GPT-2, Gemma, small Qwen) store no unembedding: the input embedding is it.
+    tied = config.tie_word_embeddings
     file_of = {}  # tensor name -> the safetensors file holding it (headers only: nothing is loaded yet)
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             file_of.update(dict.fromkeys(f.keys(), file))
 
-    def name_of(path: str) -> str | None:
+    def name_of(path: str, tensor: str = "weight") -> str | None:
         # A checkpoint of the base model alone names it without the prefix (GPT-2's own: ln_f, wte).
-        return next((k for k in (f"{path}.weight", f"{path.partition('.')[2]}.weight") if k in file_of), None)
+        return next((k for k in (f"{path}.{tensor}", f"{path.partition('.')[2]}.{tensor}") if k in file_of), None)
 
     def load(name: str) -> torch.Tensor:
         with safe_open(str(file_of[name]), framework="pt") as f:
@@ -159,7 +203,8 @@ def head_of_checkpoint(model_dir: str | Path) -> LogitHead:
         raise ValueError(f"the safetensors in {model_dir} have no {' and no '.join(missing)}, where a "
                          f"{family.name} checkpoint keeps them")
     W_U = load(unembed)
-    return _head(W_U, _gain(load(norm), family), W_U.shape[0], family)
+    bias = name_of(head.hf_final_norm, "bias")
+    return _head(W_U, _gain(load(norm), family), W_U.shape[0], family, config, load(bias) if bias else None)
 
 
 class LogitBias:

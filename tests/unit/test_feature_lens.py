@@ -1,13 +1,18 @@
-"""The feature route's logit lens, without an engine: the served model's final norm and unembedding read from
-its safetensors by its family's names (logit_bias.head_of_checkpoint), for every family, and served by the
-route for GPT-2 and GPT-NeoX (LayerNorm, tied or separate unembeddings, prefixed names) == the formula
-written out here plainly: l = W_U (g * u), u centered first for LayerNorm."""
+"""The two logit lenses of the API process, without an engine, on the served model's final norm and unembedding
+read from its safetensors and config by its family's names (logit_bias.head_of_checkpoint), for every family:
+- a feature's (the feature route, served here for GPT-2 and GPT-NeoX: LayerNorm, tied or separate
+  unembeddings, prefixed names) == the formula written out here plainly: l = W_U (g * u), u centered first for
+  LayerNorm, the norm's bias left out (it is no direction);
+- a stream's (LogitHead.logits, the lens route's probabilities) == Hugging Face's own final norm and
+  unembedding on its stream after each layer, and at the last layer == the model's own next-token output."""
 from __future__ import annotations
 
 import json
+import operator
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -34,6 +39,15 @@ PLAIN = {
     "gpt2": ("transformer.ln_f.weight", "transformer.wte.weight", lambda w: w, True),  # tied
     "gpt_neox": ("gpt_neox.final_layer_norm.weight", "embed_out.weight", lambda w: w, True),
 }
+# The Hugging Face modules of each family: (decoder blocks, final norm, config key of the norms' epsilon); the
+# unembedding is `lm_head` in all of them (GPT-NeoX's checkpoint calls it embed_out).
+LLAMA_LIKE = ("model.layers", "model.norm", "rms_norm_eps")
+HF = {**dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"), LLAMA_LIKE),
+      "gpt2": ("transformer.h", "transformer.ln_f", "layer_norm_epsilon"),
+      "gpt_neox": ("gpt_neox.layers", "gpt_neox.final_layer_norm", "layer_norm_eps")}
+EPS = 0.05  # every norm's epsilon: of the order of the tiny streams' mean square, so a fixed epsilon shows
+SOFTCAP = {"gemma2": 0.3, "gemma3": 0.3}  # Gemma's final logit soft-cap, tight enough to bend the tiny logits
+N_LAYERS = 2
 
 
 def plain_lens(model_dir, family: str, u: torch.Tensor) -> torch.Tensor:
@@ -44,22 +58,61 @@ def plain_lens(model_dir, family: str, u: torch.Tensor) -> torch.Tensor:
     return w[unembed] @ (gain(w[norm]) * u)
 
 
+def build_with_references(root: str) -> None:
+    """The tiny model of every family in root/<family>, its final norm given random gains and, for LayerNorm,
+    random biases (a tiny model's identity gains and zero biases would hide one left out or misapplied), every
+    norm's epsilon EPS, Gemma's logits soft-capped; beside it, reference.safetensors: Hugging Face's streams
+    after each layer of a prompt ("stream.L" [n, d_model]), its final norm and unembedding (and soft-cap)
+    softmaxed on them ("probs.L" [n, vocab]), and the model's own output distribution ("output")."""
+    from transformers import AutoModelForCausalLM
+
+    from sae_steer.tiny_model import build_tiny_model
+    g = torch.Generator().manual_seed(0)
+    for family, (norm, _, _, layer_norm) in PLAIN.items():
+        path = Path(root) / family
+        build_tiny_model(path, family, hidden=D_MODEL, layers=N_LAYERS, heads=2, kv_heads=1, intermediate=128,
+                         vocab=300)
+        weights = load_file(str(path / "model.safetensors"))
+        weights[norm] = torch.rand(D_MODEL, generator=g) + 0.5
+        if layer_norm:
+            weights[norm.removesuffix("weight") + "bias"] = torch.randn(D_MODEL, generator=g)
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+        blocks, final_norm, eps_key = HF[family]
+        config = json.loads((path / "config.json").read_text())
+        config[eps_key] = EPS
+        if family in SOFTCAP:
+            config["final_logit_softcapping"] = SOFTCAP[family]
+        (path / "config.json").write_text(json.dumps(config))
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ids = torch.randint(2, model.config.vocab_size, (1, 10), generator=g)
+        streams = {}
+
+        def keep(L):
+            return lambda module, args, out: streams.__setitem__(L, (out[0] if isinstance(out, tuple) else out)[0])
+
+        for L, block in enumerate(operator.attrgetter(blocks)(model)):
+            block.register_forward_hook(keep(L))
+        with torch.no_grad():
+            reference = {"output": model(ids).logits[0].softmax(-1)}
+            for L, x in streams.items():
+                logits = model.lm_head(operator.attrgetter(final_norm)(model)(x))
+                if family in SOFTCAP:
+                    logits = SOFTCAP[family] * torch.tanh(logits / SOFTCAP[family])
+                reference |= {f"stream.{L}": x, f"probs.{L}": logits.softmax(-1)}
+        save_file({k: v.contiguous() for k, v in reference.items()}, str(path / "reference.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """family -> a tiny model folder whose final norm has random gains (a tiny model's identity gains would hide
-    a gain left out or misapplied). Built in a subprocess: vLLM's Transformers backend decorates the Hugging
-    Face GPT-NeoX classes of a process that has run a GPT-NeoX engine."""
+    """family -> its tiny model folder (build_with_references). Built in a subprocess: vLLM's Transformers
+    backend decorates the Hugging Face GPT-NeoX classes of a process that has run a GPT-NeoX engine."""
     root = tmp_path_factory.mktemp("heads")
-    build = ("import sys\nfrom sae_steer.tiny_model import TINY_FAMILIES, build_tiny_model\nfor f in TINY_FAMILIES:\n"
-             "    build_tiny_model(f'{sys.argv[1]}/{f}', f, hidden=64, layers=1, heads=2, kv_heads=1, "
-             "intermediate=128, vocab=300)")
-    subprocess.run([sys.executable, "-c", build, str(root)], check=True, capture_output=True)
-    g = torch.Generator().manual_seed(0)
-    for family, (norm, *_) in PLAIN.items():
-        path = root / family / "model.safetensors"
-        weights = load_file(str(path))
-        weights[norm] = torch.rand(D_MODEL, generator=g) + 0.5
-        save_file(weights, str(path), metadata={"format": "pt"})
+    code = ("import sys; from tests.unit.test_feature_lens import build_with_references; "
+            "build_with_references(sys.argv[1])")
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return {family: root / family for family in TINY_FAMILIES}
 
 
@@ -68,6 +121,18 @@ def test_every_family_head_is_read_by_its_own_names(checkpoints, family):
     u = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(1))
     got = head_of_checkpoint(checkpoints[family]).logit_lens(u[None])[0]
     torch.testing.assert_close(got, plain_lens(checkpoints[family], family, u), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_family_lens_of_a_stream_is_the_models_own_head(checkpoints, family):
+    reference = load_file(str(checkpoints[family] / "reference.safetensors"))
+    head = head_of_checkpoint(checkpoints[family])
+    for L in range(N_LAYERS):
+        got, want = head.logits(reference[f"stream.{L}"]).softmax(-1), reference[f"probs.{L}"]
+        assert got.topk(3).indices.tolist() == want.topk(3).indices.tolist(), L
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # the last layer's lens is the model's next-token distribution
+    torch.testing.assert_close(got, reference["output"], rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture

@@ -134,26 +134,25 @@ def _eps_and_softcap(config, family: Family) -> tuple[float, float | None]:
     return float(eps), getattr(config, "final_logit_softcapping", None)
 
 
-def _head(unembed: torch.Tensor, gain: torch.Tensor, vocab: int, family: Family, config,
+def _head(unembed: torch.Tensor, gain: torch.Tensor, vocab: int, family: Family, config,  # config None: directions only
           norm_bias: torch.Tensor | None) -> LogitHead:
     if not unembed.is_floating_point() or unembed.dim() != 2 or unembed.shape[0] < vocab:
         raise RuntimeError(f"sae-steer: the unembedding of this {family.name} model is {unembed.dtype} "
                            f"{tuple(unembed.shape)}, not a float [vocab >= {vocab}, d_model] matrix (quantized?): "
                            f"logit steering cannot compute feature effects")
-    eps, softcap = _eps_and_softcap(config, family)
+    eps, softcap = (None, None) if config is None else _eps_and_softcap(config, family)
     # vLLM pads the vocabulary of its LM head; the sampler's logits have the first `vocab` columns.
     return LogitHead(unembed=unembed[:vocab], gain=gain, centered=family.head.norm == "layer", eps=eps,
                      norm_bias=_norm_bias(norm_bias, family), softcap=softcap)
 
 
 def head_of_vllm(model: torch.nn.Module, family: Family, vocab: int) -> LogitHead:
-    """The LogitHead of a model vLLM has loaded (tensor parallel size 1: the head is not sharded); the norm's
-    epsilon and the soft-cap from the transformers config vLLM built the model from."""
+    """The LogitHead of a model vLLM has loaded (tensor parallel size 1: the head is not sharded), for directions
+    only (logit steering): no epsilon or soft-cap is read, so no config key can keep an engine from starting."""
     unembed = _module(model, family.head.unembed, "the unembedding")
     norm = _module(model, family.head.final_norm, "the final norm")
-    config = _module(model, "config", "its transformers config")
     return _head(getattr(unembed, "weight", torch.empty(0)), _gain(getattr(norm, "weight", None), family), vocab,
-                 family, config, getattr(norm, "bias", None))
+                 family, None, getattr(norm, "bias", None))
 
 
 def head_of_hf(model: torch.nn.Module, family: Family) -> LogitHead:

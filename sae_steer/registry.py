@@ -7,7 +7,8 @@ Settings live in vLLM's own config channel, `additional_config["sae_steer"]`:
                  "one": {"path": "./one.npy", "layer": 6}},
      "layers": [2, 6] | "all",                         # extra steerable layers (inline vectors)
      "max_interventions": 64, "max_abs_value": 1e4,
-     "max_memory_mb": 2048,                            # budget for the loaded SAEs + vectors (float32)
+     "max_memory_mb": 2048,                            # budget for the loaded SAEs + vectors (float32, + the
+                                                       #   steering table's copy in the serving dtype on a GPU)
      "sae_weight_dtype": "serving" | "float32",        # the steering kernels' copy of the SAE weights on a GPU
      "roots": ["/srv/steering"],                       # when set, every path must lie under one of them
      "labels": {"my-sae": "./labels/l6.json"}}         # Neuronpedia-style feature labels per SAE
@@ -48,7 +49,7 @@ class Settings:
     max_memory_mb: float | None = None
     roots: tuple[Path, ...] = ()  # resolved
     labels: dict[str, Path] = field(default_factory=dict)  # SAE name -> label file
-    sae_weight_dtype: str = "serving"  # one of WEIGHT_DTYPES (see table.packed_weight_dtype)
+    sae_weight_dtype: str = "serving"  # one of WEIGHT_DTYPES (see packed_weight_dtype)
 
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> "Settings | None":
@@ -113,6 +114,18 @@ class Settings:
                    max_abs_value=float(raw.get("max_abs_value", 1e4)), layer_of=layer_of, max_memory_mb=budget,
                    roots=roots, labels={n: settings.check_path(p, f"labels.{n}") for n, p in labels.items()})
 
+    def packed_weight_dtype(self, cuda: bool, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the steering table's packed SAE weights (`sae_weight_dtype`).
+
+        "serving" on a GPU serving bf16/fp16: that dtype, so the TopK encode runs on tensor cores (fp32
+        accumulation) and every kernel reads half the bytes; the registry keeps its fp32 copy beside it
+        (telemetry and logit steering read it), so the SAEs then hold 1.5x their fp32 size. On a CPU, or a
+        model served in fp32, or with "float32": fp32, held once (the registry's SAEs are views of it). The CPU
+        path is a torch matmul, where bf16 is slow without AVX-512 BF16 and bytes are not what limits it."""
+        if self.sae_weight_dtype == "serving" and cuda and model_dtype in (torch.bfloat16, torch.float16):
+            return model_dtype
+        return torch.float32
+
     def check_path(self, path: str | Path, setting: str = "path") -> Path:
         """The resolved path (symlinks followed); with `roots`, it must lie under one of them.
 
@@ -131,8 +144,9 @@ class Settings:
                                  f"{[str(r) for r in self.roots]} ({_key('roots')})")
         return resolved
 
-    def model_facts(self, d_model: int, num_layers: int) -> ModelFacts:
-        """Read every registered file's header and check it against the served model and the budget."""
+    def model_facts(self, d_model: int, num_layers: int, weight_dtype: torch.dtype = torch.float32) -> ModelFacts:
+        """Read every registered file's header and check it against the served model and the budget (the
+        registry's float32 copies, plus the table's pack where weight_dtype, its dtype, is another)."""
         saes, cost = {}, {}
         for name, path in self.saes.items():
             facts = formats.read_sae_facts(path, self.layer_of.get(name))
@@ -144,7 +158,8 @@ class Settings:
                                  f"(a per-token input rescale): the reference math (sae_steer.sae) supports it, "
                                  f"the engine's steering table does not yet")
             saes[name] = facts
-            cost[f"SAE {name!r}"] = 4 * facts.n_params
+            pack = 0 if weight_dtype == torch.float32 else weight_dtype.itemsize
+            cost[f"SAE {name!r}"] = (4 + pack) * facts.n_params
         vectors = {}
         for name, path in self.vectors.items():
             layers = formats.read_vector_layers(path, self.layer_of.get(name))
@@ -154,7 +169,7 @@ class Settings:
                 _check_fits(f"vector {name!r} ({path})", length, layer, d_model, num_layers)
             vectors[name] = frozenset(layers)
             cost[f"vector {name!r}"] = 4 * sum(layers.values())
-        self._check_budget(cost)
+        self._check_budget(cost, weight_dtype)
         extra = range(num_layers) if self.layers == "all" else self.layers
         for layer in extra:
             if layer >= num_layers:
@@ -166,15 +181,18 @@ class Settings:
                           max_abs_value=self.max_abs_value,
                           calibrations=calibration.load_for_settings(self.saes, self.vectors))
 
-    def _check_budget(self, cost: dict[str, int]) -> None:
-        """Estimated from headers, before anything is loaded: float32 copies held by the registry."""
+    def _check_budget(self, cost: dict[str, int], weight_dtype: torch.dtype) -> None:
+        """Estimated from headers, before anything is loaded: float32 copies held by the registry, and the
+        steering table's pack beside them when it is in another dtype."""
         if self.max_memory_mb is None:
             return
         total = sum(cost.values()) / 2**20
         if total > self.max_memory_mb:
             largest = ", ".join(f"{what} {b / 2**20:.1f} MB" for what, b in sorted(cost.items(), key=lambda kv: -kv[1])[:3])
+            held = "in float32" if weight_dtype == torch.float32 else \
+                f"in float32 plus the steering table's {str(weight_dtype).removeprefix('torch.')} copy of the SAEs"
             raise ValueError(f"{_key('max_memory_mb')}: the registered SAEs and vectors need about {total:.1f} MB "
-                             f"in float32 (largest: {largest}), over the budget of {self.max_memory_mb:g} MB")
+                             f"{held} (largest: {largest}), over the budget of {self.max_memory_mb:g} MB")
 
 
 def _check_fits(what: str, length: int, layer: int, d_model: int, num_layers: int) -> None:

@@ -32,16 +32,19 @@ def facts_for(config) -> ModelFacts | None:
     require_complete()
     adapters.family_of(config.model_config.architectures)  # an unknown family is refused by name
     engine_options.refuse_unsupported(config)
+    from vllm.platforms import current_platform
     model = config.model_config
-    facts = _facts(json.dumps(raw, sort_keys=True), model.get_hidden_size(), model.get_total_num_hidden_layers())
+    # the budget counts the steering table's copy of the SAEs where it is held in the serving dtype (a GPU)
+    facts = _facts(json.dumps(raw, sort_keys=True), model.get_hidden_size(), model.get_total_num_hidden_layers(),
+                   current_platform.is_cuda_alike(), model.dtype)
     refusal = engine_options.logit_refusal(config)
     return facts if refusal is None else dataclasses.replace(facts, logit_refusal=refusal)
 
 
 @functools.lru_cache(maxsize=8)
-def _facts(settings_json: str, d_model: int, num_layers: int) -> ModelFacts:
+def _facts(settings_json: str, d_model: int, num_layers: int, cuda: bool, model_dtype) -> ModelFacts:
     settings = Settings.from_additional_config({SETTINGS_KEY: json.loads(settings_json)})
-    return settings.model_facts(d_model, num_layers)
+    return settings.model_facts(d_model, num_layers, settings.packed_weight_dtype(cuda, model_dtype))
 
 
 def record(config) -> None:

@@ -30,7 +30,7 @@ from sae_steer.registry import Registry
 from sae_steer.spec import LogitIntervention, SteeringError, parse_capture, parse_steering, parse_telemetry
 from sae_steer.vllm_plugin import adapters, engine_options, facts, frontend, observers, slot_stats, steering_op, wiring
 from sae_steer.vllm_plugin.logit_bias import LogitBias, head_of_vllm
-from sae_steer.vllm_plugin.table import SteeringTable, packed_weight_dtype
+from sae_steer.vllm_plugin.table import SteeringTable
 
 logger = logging.getLogger("vllm.sae_steer")
 
@@ -128,8 +128,8 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
                                    max_rows=vllm_config.scheduler_config.max_num_seqs, max_tokens=max_tokens,
                                    max_edits=self.facts.max_interventions, d_model=self.facts.d_model, device=device,
                                    graph_safe=engine_options.full_graphs(vllm_config),
-                                   weight_dtype=packed_weight_dtype(settings.sae_weight_dtype, device,
-                                                                    vllm_config.model_config.dtype))
+                                   weight_dtype=settings.packed_weight_dtype(torch.device(device).type == "cuda",
+                                                                             vllm_config.model_config.dtype))
         steering_op.set_table(self.table)
         if registry.saes and self.facts.logit_refusal is None:
             self.registry = registry

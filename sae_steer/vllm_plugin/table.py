@@ -63,19 +63,6 @@ POSITION_MODES = {"all": 0, "prompt": 1, "generated": 2}
 SLOT_TABLES = ("slot_edits", "edit_feature", "edit_mul", "edit_add", "gate_feature", "gate_above", "vector")
 
 
-def packed_weight_dtype(setting: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the table's packed SAE weights, from the `sae_weight_dtype` setting.
-
-    "serving" on a GPU serving bf16/fp16: that dtype, so the TopK encode runs on tensor cores (fp32
-    accumulation) and every kernel reads half the bytes; the registry keeps its fp32 copy beside it
-    (telemetry and logit steering read it), so the SAEs then hold 1.5x their fp32 size. On a CPU, or a
-    model served in fp32, or with "float32": fp32, held once (the registry's SAEs are views of it). The CPU
-    path is a torch matmul, where bf16 is slow without AVX-512 BF16 and bytes are not what limits it."""
-    if setting == "serving" and torch.device(device).type == "cuda" and model_dtype in (torch.bfloat16, torch.float16):
-        return model_dtype
-    return torch.float32
-
-
 class LayerDictionary:
     """Every SAE registered at one layer, packed as one feature space plus a null feature (index `null`,
     zero rows and parameters, so f = 0: the padding of edit tables). TopK SAEs come last, side by side

@@ -388,6 +388,12 @@ def test_memory_budget_is_checked_from_headers(tmp_path):
         settings(saes={"a": str(path)}, max_memory_mb=0.001).model_facts(D, 4)
     with pytest.raises(ValueError, match="max_memory_mb must be"):
         settings(max_memory_mb=-1)
+    # on a GPU the steering table holds a bfloat16 copy beside the float32 one: 6 bytes a parameter, 9.6 KB
+    tight = settings(saes={"a": str(path)}, max_memory_mb=0.008)  # 8.4 KB
+    tight.model_facts(D, 4)
+    with pytest.raises(ValueError, match=r"in float32 plus the steering table's bfloat16 copy of the SAEs.*"
+                                         r"over the budget of 0.008 MB"):
+        tight.model_facts(D, 4, torch.bfloat16)
 
 
 def test_sae_weight_dtype_setting():

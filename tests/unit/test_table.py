@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sae_steer.edits import steer_residual
-from sae_steer.registry import Registry
+from sae_steer.registry import Registry, Settings
 from sae_steer.spec import Steering
 from sae_steer.tiny_model import random_sae
-from sae_steer.vllm_plugin.table import SteeringTable, packed_weight_dtype
+from sae_steer.vllm_plugin.table import SteeringTable
 
 D, F, ROWS, LAYERS = 32, 48, 8, [0, 1, 2]
 MAX_TOKENS = 64  # 8 rows x up to 7 tokens + up to 3 padding tokens
@@ -163,11 +163,12 @@ def test_packed_weights_in_the_serving_dtype_beside_the_fp32_registry():
     """sae_weight_dtype "serving" on a GPU: the packed copy in the model's half dtype, the registry's fp32
     weights untouched beside it (telemetry encodes with them) and counted in nbytes; the steering itself is
     checked against the reference in test_table_matches_reference_over_a_random_batch_history (float16)."""
-    assert packed_weight_dtype("serving", torch.device("cuda"), torch.bfloat16) == torch.bfloat16
-    assert packed_weight_dtype("serving", torch.device("cuda", 1), torch.float16) == torch.float16
-    assert packed_weight_dtype("float32", torch.device("cuda"), torch.bfloat16) == torch.float32
-    assert packed_weight_dtype("serving", torch.device("cuda"), torch.float32) == torch.float32
-    assert packed_weight_dtype("serving", torch.device("cpu"), torch.bfloat16) == torch.float32
+    serving, fp32_only = Settings(), Settings(sae_weight_dtype="float32")
+    assert serving.packed_weight_dtype(True, torch.bfloat16) == torch.bfloat16
+    assert serving.packed_weight_dtype(True, torch.float16) == torch.float16
+    assert fp32_only.packed_weight_dtype(True, torch.bfloat16) == torch.float32
+    assert serving.packed_weight_dtype(True, torch.float32) == torch.float32
+    assert serving.packed_weight_dtype(False, torch.bfloat16) == torch.float32, "CPUs keep fp32"
     reg, fp32 = registry(), registry()
     table = SteeringTable(reg, LAYERS, max_rows=ROWS, max_tokens=MAX_TOKENS, max_edits=8, d_model=D,
                           device=torch.device("cpu"), graph_safe=True, weight_dtype=torch.float16)

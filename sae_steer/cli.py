@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--sae", help="an SAE (folder or file) of the model: adds SAE-feature and logit steering")
     ev.add_argument("--layers", help="CAA layers, comma-separated (default: n/5, n/3, n/2 of the model's n layers)")
     ev.add_argument("--coefs", default="1,2,4", help="CAA coefs (SAE: the same multiples of the CAA edit norm)")
+    ev.add_argument("--sae-doses", help="size the SAE edits by dose instead, comma-separated (e.g. 0.125,0.25,0.5): "
+                                        "the edit's norm over the unsteered stream's mean norm at the SAE's layer")
     ev.add_argument("--logit-strengths", default="2,5,10", help="logit steering strengths (logits at the top token)")
     ev.add_argument("--instructions", type=int, help="use the first N of the 48 instructions")
     ev.add_argument("--max-tokens", type=int, default=36)
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                          layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
                          logit_strengths=floats(args.logit_strengths), max_tokens=args.max_tokens,
                          n_instructions=args.instructions, results_dir=args.results, vector_out=args.vector_out,
-                         calibrate=not args.no_calibrate, dtype=args.dtype)
+                         calibrate=not args.no_calibrate, dtype=args.dtype,
+                         sae_doses=floats(args.sae_doses) if args.sae_doses else None)
     elif args.command == "fit-sae":
         from sae_steer.fit_sae import FitConfig, default_out_dir, fit_sae
         entry = models.known(args.model)

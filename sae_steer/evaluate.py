@@ -11,8 +11,9 @@ split alternately into a *selection* half and a *test* half), the served model a
               positions, built on this engine through its own capture path: build_caa_vector) at each layer x coef
     sae       residual `add` of one SAE feature (pick_feature: of the features whose top contexts mostly fire
               on the concept's words, the one whose decoder row is most aligned with the CAA vector at the SAE's
-              layer; without such features, the feature-records search's best hit or the best-aligned row), strengths chosen so that the edit's norm equals coef x |CAA vector|
-              at that layer
+              layer; without such features, the feature-records search's best hit or the best-aligned row),
+              strengths chosen so that the edit's norm equals coef x |CAA vector| at that layer, or with
+              sae_doses, dose x the unsteered stream's mean norm there (`sae-steer eval --sae-doses`)
     logit     the same feature's logit-space steering, strength in logits at its most promoted token
 
 Every answer is scored 0-2 by three judges built from what is on this machine (no hosted judge):
@@ -315,16 +316,22 @@ def pick_feature(sae, sae_dir: Path | None, concept: Concept, caa: dict[int, tor
 
 
 def sweep_points(caa: dict[int, torch.Tensor], layers: list[int], coefs: list[float], sae=None,
-                 sae_name: str | None = None, feature: int | None = None, logit_strengths: list[float] = ()) -> list[Point]:
-    """none, prompt, CAA at each of `layers` x coefs, SAE add (edit norm = coef x |caa[sae.layer]|), logit."""
+                 sae_name: str | None = None, feature: int | None = None, logit_strengths: list[float] = (),
+                 sae_doses: list[float] | None = None, norms: dict[int, float] | None = None) -> list[Point]:
+    """none, prompt, CAA at each of `layers` x coefs, SAE add (edit norm = coef x |caa[sae.layer]|, or with
+    sae_doses: dose x norms[sae.layer], the unsteered stream's mean norm there), logit."""
     points = [Point("none"), Point("prompt")]
     for L in sorted(layers):
         values = caa[L].tolist()
         points += [Point("caa", L, c, c, {"interventions": [{"type": "vector", "layer": L, "values": values,
                                                              "coef": c}]}) for c in coefs]
     if sae is not None:
-        norm = float(caa[sae.layer].norm()) / max(float(sae.W_dec[feature].norm()), 1e-12)
-        for c in coefs:
+        caa_norm = float(caa[sae.layer].norm())
+        norm = caa_norm / max(float(sae.W_dec[feature].norm()), 1e-12)
+        # a CAA vector much longer than the stream (pirate's at SmolLM2's layer 15: 1.45x) makes every multiple of
+        # it an overdose: doses size the edit by the stream itself
+        multiples = coefs if sae_doses is None else [d * norms[sae.layer] / caa_norm for d in sae_doses]
+        for c in multiples:
             s = round(c * norm, 4)
             points.append(Point("sae", sae.layer, s, c, {"interventions": [
                 {"type": "sae", "sae": sae_name, "feature": feature, "mode": "add", "strength": s}]}))
@@ -512,9 +519,11 @@ def write_plot(result: dict, path: Path) -> Path | None:
 def run_eval(llm, *, concept: Concept, instructions: list[str], layers: list[int], coefs: list[float],
              sae_name: str | None = None, sae_path: str | Path | None = None, logit_strengths: list[float] = (),
              max_tokens: int = 48, results_dir: str | Path | None = None, vector_out: str | Path | None = None,
-             calibrate: bool = True, model_name: str = "model", examples: int = 2, caa_positions: str = "mean") -> dict:
+             calibrate: bool = True, model_name: str = "model", examples: int = 2, caa_positions: str = "mean",
+             sae_doses: list[float] | None = None) -> dict:
     """Build the CAA vector, sweep, judge, select, write results (results_dir) and calibration. `llm` must serve
-    `layers` (steerable) and, for SAE/logit steering, the SAE registered as `sae_name` (path `sae_path`)."""
+    `layers` (steerable) and, for SAE/logit steering, the SAE registered as `sae_name` (path `sae_path`).
+    sae_doses: size the SAE edits by dose (see sweep_points) instead of the CAA coefs' multiples."""
     from sae_steer import calibration, formats
     t0 = time.monotonic()
     sae = formats.load_sae(sae_path) if sae_path is not None else None
@@ -525,7 +534,8 @@ def run_eval(llm, *, concept: Concept, instructions: list[str], layers: list[int
     if sae is not None:
         feature, feature_note = pick_feature(sae, Path(sae_path) if Path(sae_path).is_dir() else None, concept, caa)
         _say(f"SAE feature: {feature_note}")
-    points = sweep_points(caa, layers, coefs, sae, sae_name, feature, logit_strengths)
+    norms = stream_norms(llm, instructions[:16], caa_layers)
+    points = sweep_points(caa, layers, coefs, sae, sae_name, feature, logit_strengths, sae_doses, norms)
     n = len(instructions)
     split = {"select": list(range(0, n, 2)), "test": list(range(1, n, 2))}
     _say(f"{len(points)} sweep points x {n} instructions, {max_tokens} tokens each")
@@ -533,7 +543,6 @@ def run_eval(llm, *, concept: Concept, instructions: list[str], layers: list[int
     rows, base = score_answers(llm, instructions, answers, concept)
     summaries = [{half: summarize(rows[j], idx) for half, idx in split.items()} for j in range(len(points))]
     chosen = select(points, summaries)
-    norms = stream_norms(llm, instructions[:16], caa_layers)
     doses = [None if p.multiple is None else p.multiple * float(caa[p.layer].norm()) / norms[p.layer] for p in points]
     intervals = [bootstrap_interval(lambda sample, r=rows[j]: sum(r[i]["hm"] for i in sample) / len(sample),
                                     split["test"]) for j in range(len(points))]
@@ -543,7 +552,7 @@ def run_eval(llm, *, concept: Concept, instructions: list[str], layers: list[int
     result = {"concept": asdict(concept), "model_name": model_name, "instructions": instructions, "split": split,
               "max_tokens": max_tokens, "date": time.strftime("%Y-%m-%d"), "device": "CPU (vLLM CPU build)",
               "base": base, "feature": feature, "feature_note": feature_note,
-              "caa_norms": {str(L): float(v.norm()) for L, v in caa.items()},
+              "sae_doses": sae_doses, "caa_norms": {str(L): float(v.norm()) for L, v in caa.items()},
               "stream_norms": {str(L): v for L, v in norms.items()},
               "thresholds": {"fluency_nll_margin": FLUENCY_NLL_MARGIN, "repetition_cap": REPETITION_CAP,
                              "relevance_pmi_fraction": RELEVANCE_PMI_FRACTION,
@@ -638,10 +647,12 @@ def summarize_concepts(results: list[dict]) -> dict:
 
 
 def write_concepts_markdown(summary: dict, meta: dict, path: Path) -> Path:
+    sae_sizes = "at the same multiples of the CAA edit norm" if meta.get("sae_doses") is None else \
+        f"at doses {meta['sae_doses']}"
     lines = [f"# Steering quality on {len(summary['concepts'])} concepts: {meta['model_name']}", "",
              f"{meta['date']}, {meta['device']}, dtype {meta['dtype']}; {meta['n_instructions']} instructions "
              f"({meta['n_test']} test), greedy, {meta['max_tokens']} tokens; sweep: CAA at layers {meta['layers']} x "
-             f"coefs {meta['coefs']}, SAE feature add at the same multiples of the CAA edit norm, logit strengths "
+             f"coefs {meta['coefs']}, SAE feature add {sae_sizes}, logit strengths "
              f"{meta['logit_strengths']}. Each method's setting is chosen on the select half and reported on the test "
              f"half. HM: harmonic mean of the concept, relevance and fluency judges (0-2; sae_steer/evaluate.py). "
              f"Dose: the edit's norm over the mean norm of the unsteered stream at that layer. Intervals: 95% "
@@ -725,6 +736,7 @@ def run_eval_concepts(llm, concepts: list[Concept], *, results_dir: str | Path |
             "max_tokens": r0["max_tokens"],
             "layers": sorted({p["layer"] for p in r0["points"] if p["method"] == "caa"}),
             "coefs": sorted({p["multiple"] for p in r0["points"] if p["method"] == "caa"}),
+            "sae_doses": r0.get("sae_doses"),
             "logit_strengths": [p["strength"] for p in r0["points"] if p["method"] == "logit"],
             "seconds": time.monotonic() - t0}
     out = {"meta": meta, **summary, "files": [f for r in results for f in r.get("files", [])]}
@@ -751,7 +763,7 @@ def run_eval_command(model: str = "smollm2", *, concept: str = "cold", layers: l
                      coefs: list[float] | None = None, sae: str | None = None, logit_strengths: list[float] | None = None,
                      max_tokens: int = 36, n_instructions: int | None = None, results_dir: str | Path = "benchmarks/results",
                      vector_out: str | Path | None = None, calibrate: bool = True, dtype: str | None = None,
-                     enforce_eager: bool = True) -> dict:
+                     enforce_eager: bool = True, sae_doses: list[float] | None = None) -> dict:
     """`sae-steer eval`: starts an engine in this process (model, the SAE registered, `layers` steerable) and
     runs run_eval. `model` a known model's name (sae_steer.models: 'smollm2', 'gemma3-270m') or a folder; `sae` a
     folder/file of any supported format; `dtype` the engine's (default: this machine's, sae_steer.machine_dtype)."""
@@ -789,7 +801,8 @@ def run_eval_command(model: str = "smollm2", *, concept: str = "cold", layers: l
     options = dict(instructions=instructions, layers=layers, coefs=coefs or [1.0, 2.0, 4.0],
                    sae_name="eval-sae" if sae else None, sae_path=sae,
                    logit_strengths=logit_strengths if logit_strengths is not None else [2.0, 5.0, 10.0],
-                   max_tokens=max_tokens, results_dir=results_dir, calibrate=calibrate, model_name=model_name)
+                   max_tokens=max_tokens, results_dir=results_dir, calibrate=calibrate, model_name=model_name,
+                   sae_doses=sae_doses)
     try:
         if len(names) == 1:
             return run_eval(llm, concept=load_concept(names[0]), **options, vector_out=vector_out if vector_out

@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sae_steer.calibration import load_calibration, save_feature_calibration, save_vector_calibration
 from tests.engine.conftest import close, make_llm, prompt
@@ -209,7 +210,7 @@ def test_run_eval_writes_results_and_calibration(artifacts, tmp_path):
 def test_eval_over_concepts_summarizes_means_ratios_and_doses(artifacts, tmp_path):
     """run_eval_concepts on two concepts: per concept the chosen settings of its own run, the mean over concepts,
     the ratios of the means, and each CAA setting's dose (coef x |v| over the stream's mean norm at that layer,
-    the norm from Hugging Face hidden states)."""
+    the norm from Hugging Face hidden states); the SAE edits sized by the doses asked for (sae_doses)."""
     from transformers import AutoModelForCausalLM
 
     from sae_steer import evaluate
@@ -222,7 +223,8 @@ def test_eval_over_concepts_summarizes_means_ratios_and_doses(artifacts, tmp_pat
     try:
         out = evaluate.run_eval_concepts(llm, concepts, instructions=instructions, layers=[2], coefs=[1.0, 6.0],
                                          sae_name="s", sae_path=sae, logit_strengths=[3.0], max_tokens=6,
-                                         results_dir=tmp_path / "results", model_name="tiny", calibrate=False)
+                                         results_dir=tmp_path / "results", model_name="tiny", calibrate=False,
+                                         sae_doses=[0.05, 0.3])
         tok = llm.get_tokenizer()
     finally:
         close(llm)
@@ -253,7 +255,15 @@ def test_eval_over_concepts_summarizes_means_ratios_and_doses(artifacts, tmp_pat
             assert pt["dose"] == pytest.approx(pt["strength"] * r["caa_norms"]["2"] / mean_norm, rel=1e-3)
         if pt["method"] in ("none", "prompt", "logit"):
             assert pt["dose"] is None
+    # the SAE edits: strength x |W_dec[feature]| over the stream's mean norm at the SAE's layer (1: hidden_states[2])
+    with torch.no_grad():
+        sae_norm = float(torch.cat([model(torch.tensor([evaluate.render(tok, ins)]), output_hidden_states=True)
+                                    .hidden_states[2][0][1:].norm(dim=-1) for ins in instructions]).mean())
+    row = float(load_file(str(sae))["W_dec"][r["feature"]].norm())
+    sae_points = [pt for pt in r["points"] if pt["method"] == "sae"]
+    assert [pt["dose"] for pt in sae_points] == pytest.approx([0.05, 0.3], rel=1e-3)
+    assert [pt["strength"] * row / sae_norm for pt in sae_points] == pytest.approx([0.05, 0.3], rel=2e-3)
     summary = json.loads(next((tmp_path / "results").glob("eval-tiny-*.json")).read_text())
-    assert summary["mean"] == out["mean"]
+    assert summary["mean"] == out["mean"] and summary["meta"]["sae_doses"] == [0.05, 0.3]
     md = next((tmp_path / "results").glob("eval-tiny-*.md")).read_text()
     assert "| cold |" in md and "| food |" in md and "caa/prompt" in md

@@ -36,6 +36,8 @@ import logging
 from importlib import metadata
 from pathlib import Path
 
+from sae_steer.vllm_plugin.engine_options import choose_scheduling, full_graphs
+
 logger = logging.getLogger("vllm.sae_steer")
 
 STEERING_OP = "sae_steer::steer_residual"
@@ -71,11 +73,10 @@ def choose_graph_settings(compilation_config, cuda: bool, before_post_init: bool
                         "steering (graph-safe table), and telemetry/capture requests are refused; serve them with "
                         "-cc.cudagraph_mode=PIECEWISE")
         return
-    mode = compilation_config.cudagraph_mode
-    if mode is not None and mode.has_full_cudagraphs():
+    if full_graphs(compilation_config):
         logger.info("sae-steer: cudagraph_mode %s: steering runs inside full CUDA graphs (graph-safe table, so the "
                     "op is no split point of the piecewise ones either); telemetry and capture requests are refused",
-                    mode.name)
+                    compilation_config.cudagraph_mode.name)
     elif compilation_config.mode == CompilationMode.VLLM_COMPILE and compilation_config.splitting_ops is not None \
             and STEERING_OP not in compilation_config.splitting_ops:
         compilation_config.splitting_ops.append(STEERING_OP)
@@ -107,7 +108,6 @@ def install() -> None:
         steering = has_steering(self)
         if steering:
             choose_graph_settings(self.compilation_config, current_platform.is_cuda_alike(), before_post_init=True)
-            from sae_steer.vllm_plugin.engine_options import choose_scheduling
             choose_scheduling(self.scheduler_config, current_platform.is_cuda_alike())
         post_init(self)
         if steering:

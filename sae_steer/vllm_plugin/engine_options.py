@@ -73,15 +73,17 @@ def logit_refusal(config) -> str | None:
     return None
 
 
-def full_graphs(config) -> bool:
-    """Does this engine replay the op from full CUDA graphs (so its host-side work cannot run)?"""
-    mode = config.compilation_config.cudagraph_mode
+def full_graphs(compilation_config) -> bool:
+    """Does this engine replay the op from full CUDA graphs (so its host-side work cannot run)? One answer for
+    the two choices that must agree: the table runs graph-safe (logits processor) exactly when the op is no
+    piecewise split point (engine_config.choose_graph_settings)."""
+    mode = compilation_config.cudagraph_mode
     return mode is not None and mode.has_full_cudagraphs()
 
 
 def observe_refusal(config) -> str | None:
     """Why this engine cannot serve telemetry and capture requests, or None."""
-    if full_graphs(config):
+    if full_graphs(config.compilation_config):
         return ("this engine replays steering from full CUDA graphs, where telemetry and capture cannot run: serve "
                 "them with cudagraph_mode PIECEWISE (-cc.cudagraph_mode=PIECEWISE) or NONE")
     if speculative(config):

@@ -127,7 +127,7 @@ class SteeringLogitsProcessor(LogitsProcessor, V2LogitsProcessor):
         self.table = SteeringTable(registry, sorted(self.facts.steerable_layers),
                                    max_rows=vllm_config.scheduler_config.max_num_seqs, max_tokens=max_tokens,
                                    max_edits=self.facts.max_interventions, d_model=self.facts.d_model, device=device,
-                                   graph_safe=engine_options.full_graphs(vllm_config),
+                                   graph_safe=engine_options.full_graphs(compilation),
                                    weight_dtype=settings.packed_weight_dtype(torch.device(device).type == "cuda",
                                                                              vllm_config.model_config.dtype))
         steering_op.set_table(self.table)
